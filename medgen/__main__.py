@@ -1,0 +1,3 @@
+from medgen.cli import main
+
+raise SystemExit(main())

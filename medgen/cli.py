@@ -1,0 +1,115 @@
+"""``medgen <stage> --config C [section.key=value ...]``: the command line is the typed config."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import warnings
+
+from medgen.errors import ConfigError, UserError
+
+STAGE_HELP = {
+    "prepare": "CSV -> cleaned, deduplicated, split, tokenized Parquet shards + manifest",
+    "train": "LoRA SFT (TRL SFTTrainer + peft), streaming the shards",
+    "evaluate": "exact perplexity of base and tuned model on the test split",
+    "generate": "batched generation for a prompts file -> JSONL",
+    "report": "markdown report with plots from the run directory",
+    "run": "all stages in order",
+    "validate": "check a config and print it fully resolved",
+    "config": "print the configuration reference (--doc)",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", "-c", metavar="YAML", help="run config (YAML); defaults apply where it is silent")
+    common.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides, applied last")
+    common.add_argument("--quiet", "-q", action="store_true", help="warnings and errors only")
+    common.add_argument("--debug", action="store_true", help="debug logs and full tracebacks")
+    p = argparse.ArgumentParser(prog="medgen", description="Fine-tune GPT-2 with LoRA on Medium articles, as a batch job.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, help_ in STAGE_HELP.items():
+        sp = sub.add_parser(name, parents=[common], help=help_, description=help_)
+        if name == "generate":
+            sp.add_argument("--prompt", help="complete this one prompt and print it (no files written)")
+        if name == "run":
+            sp.add_argument("--executor", choices=["local", "slurm"], default="local",
+                            help="local: this machine, in order; slurm: a job chain (see docs)")
+        if name == "config":
+            sp.add_argument("--doc", action="store_true", help="markdown table of every key")
+            sp.add_argument("--update", metavar="FILE", help="rewrite the reference between the markers in FILE")
+    return p
+
+
+def _setup_logging(quiet: bool, debug: bool) -> None:
+    level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s medgen %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    if not debug:
+        # known-noisy library messages; errors still surface
+        for name in ("transformers", "datasets", "accelerate", "peft", "trl", "DeepSpeed", "torch.distributed"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=UserWarning)
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if quiet:
+        os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _setup_logging(args.quiet, args.debug)
+    try:
+        return _dispatch(args)
+    except ConfigError as e:
+        if args.debug:
+            raise
+        for problem in e.problems:
+            print(f"medgen: config error: {problem}", file=sys.stderr)
+        return 2
+    except UserError as e:
+        if args.debug:
+            raise
+        print(f"medgen: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("medgen: interrupted", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from medgen import config
+
+    if args.command == "config":
+        if args.update:
+            print(f"{args.update}: {'updated' if config.update_doc(args.update) else 'already current'}")
+        else:
+            print(config.config_doc() if args.doc else config.dump_yaml(config.Config()), end="")
+        return 0
+    cfg = config.load_config(args.config, args.overrides)
+    if args.command == "validate":
+        print(config.dump_yaml(cfg), end="")
+        return 0
+    if args.command == "generate" and args.prompt is not None:
+        from medgen import generate
+
+        print(generate.one(cfg, args.prompt))
+        return 0
+    from medgen.launch import local
+
+    if args.command == "run":
+        if args.executor == "slurm":
+            raise UserError("--executor slurm is not available yet; use --executor local")
+        results = local.run_all(cfg)
+        print(f"report: {results['report']['report']}")
+        return 0
+    result = local.run_stage(args.command, cfg)
+    if args.command == "prepare":
+        from medgen.prepare import print_report
+
+        print(print_report(result))
+    elif result:
+        print(json.dumps(result, indent=2, default=str))
+    return 0

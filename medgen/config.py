@@ -1,0 +1,353 @@
+"""The one typed config: dataclasses that are also the CLI (``section.key=value`` overrides).
+
+Every field has a default and a one-line help. Loading reports every problem at once.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, Literal, Optional
+
+import yaml
+
+from medgen.errors import ConfigError
+
+ASSETS = resources.files("medgen") / "assets"
+DEMO_ARTICLES = str(ASSETS / "demo" / "articles.csv")
+DEMO_PROMPTS = str(ASSETS / "demo" / "prompts.jsonl")
+
+
+def opt(default: Any, help: str, **kw: Any) -> Any:
+    """A config field: its default and the one-line help shown by ``medgen config --doc``."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class RunConfig:
+    dir: str = opt("runs/demo", "Run directory: adapter, checkpoints, eval, generations and report go here.")
+    name: str = opt("demo", "A name for this run, used in logs and job names.")
+
+
+@dataclass
+class DataConfig:
+    source: str = opt(DEMO_ARTICLES, "Raw articles CSV, any fsspec URL (local path, file://, s3://).")
+    shards: str = opt("", "Shard dataset URL (manifest.json + Parquet); empty means <run.dir>/data.")
+    num_shards: int = opt(2, "Parquet shards per split; use a multiple of the number of training ranks.")
+    title_column: str = opt("title", "CSV column with the article title ('' if there is none).")
+    text_column: str = opt("text", "CSV column with the article body.")
+    url_column: str = opt("url", "CSV column with the article URL ('' if none; ids then hash title+text).")
+    tags_column: str = opt("tags", "CSV column with a Python-list string of tags ('' if none).")
+    authors_column: str = opt("authors", "CSV column with a Python-list string of authors ('' if none).")
+    timestamp_column: str = opt("timestamp", "CSV column with an ISO-8601 timestamp ('' if none).")
+    chunk_rows: int = opt(2000, "Rows read per CSV chunk; memory stays flat whatever the file size.")
+    clean_rules: list[str] = opt(
+        ["html", "image_credits", "urls", "emails", "mentions", "emoji", "special_chars", "whitespace"],
+        "Cleaning rules, applied in this order (see docs/data.md for what each removes).",
+    )
+    min_chars: int = opt(200, "Drop articles whose cleaned text is shorter than this.")
+    max_chars: int = opt(200_000, "Drop articles whose cleaned text is longer than this.")
+    val_fraction: float = opt(0.1, "Fraction of articles in the validation split (by hash of the article id).")
+    test_fraction: float = opt(0.1, "Fraction of articles in the test split (by hash of the article id).")
+    storage_options: dict[str, Any] = opt({}, "Extra fsspec storage options (never credentials: use the environment).")
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = opt(
+        "smollm2-135m",
+        "Base model: hub id (gpt2), local directory, or a built-in: smollm2-135m, tiny-gpt2.",
+    )
+    revision: str = opt("", "Hub revision (branch, tag or commit); '' for the default.")
+
+
+@dataclass
+class LoraConfig:
+    r: int = opt(16, "LoRA rank.")
+    alpha: int = opt(32, "LoRA alpha (scale = alpha / r).")
+    dropout: float = opt(0.05, "LoRA dropout.")
+    target_modules: list[str] = opt([], "Modules to adapt; empty = architecture default (GPT-2: c_attn, c_proj, c_fc).")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = opt(30, "Optimizer steps to train.")
+    seed: int = opt(42, "Seed for LoRA init, dropout and data order.")
+    save_steps: int = opt(0, "Checkpoint every N steps (0 = only at the end).")
+    batch_size: int = opt(4, "Sequences per device per micro-batch.")
+    grad_accum: int = opt(1, "Gradient accumulation steps.")
+    max_length: int = opt(256, "Tokens per packed training sequence.")
+    learning_rate: float = opt(5e-4, "Peak learning rate.")
+    lr_scheduler: str = opt("cosine", "Learning-rate schedule (any transformers SchedulerType).")
+    warmup_steps: int = opt(3, "Linear warm-up steps.")
+    weight_decay: float = opt(0.0, "AdamW weight decay.")
+    max_grad_norm: float = opt(1.0, "Gradient clipping norm.")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = opt(
+        "auto", "auto = bf16 where the hardware has fast bf16 (CUDA, or a CPU with avx512_bf16/AMX), else fp32."
+    )
+    gradient_checkpointing: bool = opt(False, "Recompute activations in backward (saves memory, costs ~30% speed).")
+    logging_steps: int = opt(1, "Log loss, lr and tokens/s every N steps.")
+    merge: bool = opt(False, "Also save the merged model (base + adapter) as safetensors in <run.dir>/merged.")
+    sft_args: dict[str, Any] = opt({}, "Pass-through for any other trl.SFTConfig field.")
+
+
+@dataclass
+class EvalConfig:
+    split: Literal["train", "validation", "test"] = opt("test", "Split to score.")
+    batch_size: int = opt(8, "Windows per forward pass (does not change the result).")
+    context: int = opt(512, "Window length in tokens (capped at the model's maximum).")
+    stride: int = opt(256, "Sliding-window stride (< context): each token keeps at least context-stride tokens of history.")
+    dtype: Literal["float32", "bfloat16"] = opt("float32", "Compute dtype for scoring.")
+
+
+@dataclass
+class GenerateConfig:
+    prompts: str = opt(DEMO_PROMPTS, "Prompts file: JSONL with id/prompt, or text with one prompt per line.")
+    max_new_tokens: int = opt(48, "New tokens per completion.")
+    do_sample: bool = opt(False, "Sample (true) or greedy (false).")
+    temperature: float = opt(0.8, "Sampling temperature.")
+    top_p: float = opt(0.95, "Nucleus sampling threshold.")
+    top_k: int = opt(50, "Top-k sampling (0 = off).")
+    repetition_penalty: float = opt(1.0, "Repetition penalty (1.0 = off).")
+    batch_size: int = opt(16, "Prompts per generate() call.")
+    seed: int = opt(0, "Sampling seed.")
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+
+    @property
+    def shards_url(self) -> str:
+        return self.data.shards or os.path.join(self.run.dir, "data")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self) -> str:
+        blob = json.dumps(self.to_dict(), sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(path: Optional[str] = None, overrides: tuple[str, ...] | list[str] = ()) -> Config:
+    """YAML file (optional) + ``a.b=value`` overrides -> validated Config, or ConfigError with every problem."""
+    problems: list[str] = []
+    raw: dict[str, Any] = {}
+    if path:
+        try:
+            with open(path, encoding="utf-8") as f:
+                raw = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise ConfigError([f"--config {path}: file not found"]) from None
+        except yaml.YAMLError as e:
+            raise ConfigError([f"--config {path}: not valid YAML ({str(e).splitlines()[0]})"]) from None
+        if not isinstance(raw, dict):
+            raise ConfigError([f"--config {path}: top level must be a mapping of sections"])
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            problems.append(f"override {item!r}: expected section.key=value")
+            continue
+        parts = key.strip().split(".")
+        node = raw
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                problems.append(f"override {item!r}: {p} is not a section")
+                break
+        else:
+            node[parts[-1]] = _parse_scalar(value)
+    cfg = _build(Config, raw, "", problems)
+    problems += _check(cfg)  # fields that failed to parse kept their (valid) defaults
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def _parse_scalar(text: str) -> Any:
+    try:
+        return yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        return text
+
+
+def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
+    if not isinstance(raw, dict):
+        problems.append(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(raw).__name__}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in names:
+            problems.append(f"{prefix}{key}: unknown key (known: {', '.join(sorted(names))})")
+    obj = cls()
+    for f in dataclasses.fields(cls):
+        if f.name not in raw:
+            continue
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            setattr(obj, f.name, _build(hint, raw[f.name], f"{prefix}{f.name}.", problems))
+        else:
+            value, err = _coerce(raw[f.name], hint)
+            if err:
+                problems.append(f"{prefix}{f.name}: {err} (got {raw[f.name]!r})")
+            else:
+                setattr(obj, f.name, value)
+    return obj
+
+
+def _coerce(value: Any, hint: Any) -> tuple[Any, Optional[str]]:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return (value, None) if value in args else (None, f"must be one of {', '.join(map(str, args))}")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None, None
+        inner = [a for a in args if a is not type(None)][0]
+        return _coerce(value, inner)
+    if origin is list:
+        if not isinstance(value, list):
+            return None, "must be a list"
+        out = []
+        for v in value:
+            c, err = _coerce(v, args[0])
+            if err:
+                return None, f"list item {v!r} {err}"
+            out.append(c)
+        return out, None
+    if origin is dict:
+        return (dict(value), None) if isinstance(value, dict) else (None, "must be a mapping")
+    if hint is bool:
+        return (value, None) if isinstance(value, bool) else (None, "must be true or false")
+    if hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        return (value, None) if ok else (None, "must be an integer")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value), None
+        try:  # YAML 1.1 reads 5e-4 as a string
+            return float(value), None
+        except (TypeError, ValueError):
+            return None, "must be a number"
+    if hint is str:
+        return (value, None) if isinstance(value, str) else (None, "must be a string")
+    return value, None
+
+
+def _is_local(url: str) -> bool:
+    return "://" not in url or url.startswith("file://")
+
+
+def _local_path(url: str) -> str:
+    return url[len("file://"):] if url.startswith("file://") else url
+
+
+def _check(cfg: Config) -> list[str]:
+    """Semantic checks that need more than one field or the file system."""
+    p: list[str] = []
+    d, t, e, g = cfg.data, cfg.train, cfg.eval, cfg.generate
+    if _is_local(d.source) and not os.path.isfile(_local_path(d.source)):
+        p.append(f"data.source: file not found: {d.source}")
+    if _is_local(g.prompts) and not os.path.isfile(_local_path(g.prompts)):
+        p.append(f"generate.prompts: file not found: {g.prompts}")
+    if not d.text_column:
+        p.append("data.text_column: must name the CSV column holding the article text")
+    for name, frac in (("data.val_fraction", d.val_fraction), ("data.test_fraction", d.test_fraction)):
+        if not 0.0 <= frac < 1.0:
+            p.append(f"{name}: must be in [0, 1) (got {frac})")
+    if d.val_fraction + d.test_fraction >= 1.0:
+        p.append("data.val_fraction + data.test_fraction: must leave some articles for training")
+    positive = {
+        "data.num_shards": d.num_shards, "data.chunk_rows": d.chunk_rows, "train.max_steps": t.max_steps,
+        "train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum, "train.max_length": t.max_length,
+        "train.logging_steps": t.logging_steps, "eval.batch_size": e.batch_size, "eval.context": e.context,
+        "eval.stride": e.stride, "generate.max_new_tokens": g.max_new_tokens, "generate.batch_size": g.batch_size,
+        "lora.r": cfg.lora.r,
+    }
+    p += [f"{k}: must be > 0 (got {v})" for k, v in positive.items() if v <= 0]
+    if t.save_steps < 0:
+        p.append(f"train.save_steps: must be >= 0 (got {t.save_steps})")
+    if e.stride >= e.context:
+        p.append(f"eval.stride: must be < eval.context ({e.stride} >= {e.context})")
+    if not 0.0 <= cfg.lora.dropout < 1.0:
+        p.append(f"lora.dropout: must be in [0, 1) (got {cfg.lora.dropout})")
+    if g.do_sample and g.temperature <= 0:
+        p.append(f"generate.temperature: must be > 0 when sampling (got {g.temperature})")
+    if not cfg.run.dir:
+        p.append("run.dir: must not be empty")
+    return p
+
+
+# --------------------------------------------------------------------------- documentation
+
+
+def iter_fields(cls: type = Config, prefix: str = ""):
+    """Yield (dotted key, type, default, help) for every leaf field."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            yield from iter_fields(hint, f"{prefix}{f.name}.")
+        else:
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            yield f"{prefix}{f.name}", hint, default, f.metadata.get("help", "")
+
+
+def _type_name(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return " | ".join(map(str, args))
+    if origin is list:
+        return f"list[{_type_name(args[0])}]"
+    if origin is dict:
+        return "mapping"
+    return getattr(hint, "__name__", str(hint))
+
+
+def config_doc() -> str:
+    """Markdown reference of every config key (kept in README.md; CI checks it is current)."""
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for key, hint, default, help_ in iter_fields():
+        if isinstance(default, str) and default.startswith(str(ASSETS)):
+            default = "<bundled demo " + os.path.basename(default) + ">"
+        shown = json.dumps(default) if not isinstance(default, str) else (f"`{default}`" if default else "`''`")
+        if not isinstance(default, str):
+            shown = f"`{shown}`"
+        lines.append(f"| `{key}` | {_type_name(hint)} | {shown} | {help_} |")
+    return "\n".join(lines) + "\n"
+
+
+DOC_START, DOC_END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
+
+
+def update_doc(path: str) -> bool:
+    """Rewrite the reference between the markers in ``path``; True when it changed."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    head, _, rest = text.partition(DOC_START)
+    _, _, tail = rest.partition(DOC_END)
+    new = f"{head}{DOC_START}\n{config_doc()}{DOC_END}{tail}"
+    if new != text:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(new)
+    return new != text
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False, width=120)

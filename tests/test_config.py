@@ -1,0 +1,77 @@
+import yaml
+
+from medgen import config
+from medgen.errors import ConfigError
+from tests.conftest import ROOT, medgen
+
+import pytest
+
+
+def test_defaults_are_valid():
+    cfg = config.load_config()
+    assert cfg.model.name_or_path == "smollm2-135m"
+    assert cfg.shards_url.endswith("runs/demo/data")
+
+
+def test_yaml_and_overrides_are_typed():
+    cfg = config.load_config(str(ROOT / "configs/tiny.yaml"), [
+        "train.max_steps=7", "train.learning_rate=5e-4", "lora.target_modules=[c_attn]", "data.shards=s3://b/x",
+        "generate.do_sample=true",
+    ])
+    assert cfg.train.max_steps == 7 and isinstance(cfg.train.max_steps, int)
+    assert cfg.train.learning_rate == pytest.approx(5e-4)
+    assert cfg.lora.target_modules == ["c_attn"]
+    assert cfg.shards_url == "s3://b/x"
+    assert cfg.generate.do_sample is True
+    assert cfg.model.name_or_path == "tiny-gpt2"  # from the YAML
+
+
+def test_every_problem_is_reported_at_once(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({
+        "train": {"max_stepz": 3, "batch_size": "four"},
+        "data": {"source": str(tmp_path / "missing.csv")},
+    }))
+    with pytest.raises(ConfigError) as e:
+        config.load_config(str(bad))
+    text = "\n".join(e.value.problems)
+    assert "train.max_stepz: unknown key" in text
+    assert "train.batch_size: must be an integer" in text
+    assert "data.source: file not found" in text
+
+
+def test_cli_reports_three_mistakes_exit_2(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({
+        "train": {"max_stepz": 3, "batch_size": "four"},
+        "data": {"source": str(tmp_path / "missing.csv")},
+    }))
+    proc = medgen("validate", "--config", str(bad), check=False)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 3, proc.stderr
+    assert any("max_stepz" in ln and "unknown key" in ln for ln in lines)
+    assert any("train.batch_size" in ln and "integer" in ln for ln in lines)
+    assert any("data.source" in ln and "missing.csv" in ln for ln in lines)
+    assert "Traceback" not in proc.stderr
+
+
+def test_validate_prints_the_resolved_config():
+    proc = medgen("validate", "--config", "configs/tiny.yaml", "train.max_steps=3")
+    resolved = yaml.safe_load(proc.stdout)
+    assert resolved["train"]["max_steps"] == 3
+    assert resolved["model"]["name_or_path"] == "tiny-gpt2"
+    assert resolved["eval"]["stride"] == 64
+
+
+def test_bad_override_syntax_and_values():
+    with pytest.raises(ConfigError) as e:
+        config.load_config(None, ["train.max_steps", "eval.split=dev", "eval.stride=1000", "eval.context=10"])
+    text = "\n".join(e.value.problems)
+    assert "expected section.key=value" in text
+    assert "eval.split: must be one of train, validation, test" in text
+
+
+def test_readme_config_reference_is_current():
+    readme = (ROOT / "README.md").read_text()
+    assert config.config_doc() in readme, "README's configuration reference is stale: run `make docs` and paste docs/config.md"
