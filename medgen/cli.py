@@ -74,6 +74,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"medgen: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        from medgen.train import EXIT_PREEMPTED, Preempted
+
+        if not isinstance(e, Preempted):
+            raise
+        print(f"medgen: {e}", file=sys.stderr)
+        return EXIT_PREEMPTED
     except KeyboardInterrupt:
         print("medgen: interrupted", file=sys.stderr)
         return 130

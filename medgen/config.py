@@ -92,6 +92,14 @@ class TrainConfig:
     precision: Literal["auto", "bf16", "fp16", "fp32"] = opt(
         "auto", "auto = bf16 where the hardware has fast bf16 (CUDA, or a CPU with avx512_bf16/AMX), else fp32."
     )
+    packing: Literal["wrapped", "documents"] = opt(
+        "wrapped", "wrapped: documents joined with eos and cut anywhere; documents: position ids restart per document."
+    )
+    data_streams: int = opt(
+        0, "Data streams (0 = number of processes); fix it to keep the data order when the process count changes."
+    )
+    keep_checkpoints: int = opt(2, "Complete checkpoints kept in <run.dir>/checkpoints (newest first).")
+    deepspeed: str = opt("", "DeepSpeed config JSON (e.g. configs/deepspeed/zero2.json); '' = plain DDP.")
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward (saves memory, costs ~30% speed).")
     logging_steps: int = opt(1, "Log loss, lr and tokens/s every N steps.")
     merge: bool = opt(False, "Also save the merged model (base + adapter) as safetensors in <run.dir>/merged.")
@@ -278,9 +286,13 @@ def _check(cfg: Config) -> list[str]:
         "train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum, "train.max_length": t.max_length,
         "train.logging_steps": t.logging_steps, "eval.batch_size": e.batch_size, "eval.context": e.context,
         "eval.stride": e.stride, "generate.max_new_tokens": g.max_new_tokens, "generate.batch_size": g.batch_size,
-        "lora.r": cfg.lora.r,
+        "lora.r": cfg.lora.r, "train.keep_checkpoints": t.keep_checkpoints,
     }
     p += [f"{k}: must be > 0 (got {v})" for k, v in positive.items() if v <= 0]
+    if t.data_streams < 0:
+        p.append(f"train.data_streams: must be >= 0 (got {t.data_streams})")
+    if t.deepspeed and not os.path.isfile(t.deepspeed):
+        p.append(f"train.deepspeed: file not found: {t.deepspeed}")
     if t.save_steps < 0:
         p.append(f"train.save_steps: must be >= 0 (got {t.save_steps})")
     if e.stride >= e.context:

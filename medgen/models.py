@@ -26,6 +26,8 @@ from medgen.errors import UserError
 log = logging.getLogger(__name__)
 
 BUILTINS = ("smollm2-135m", "tiny-gpt2")
+# bump when a built-in's construction changes, so stale caches are rebuilt rather than reused
+BUILTIN_REVISION = {"smollm2-135m": 1, "tiny-gpt2": 2}
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # GPT-2 blocks are Conv1D: LoRA on them needs fan_in_fan_out=True.
 LORA_DEFAULTS: dict[str, tuple[list[str] | str, bool]] = {
@@ -40,7 +42,7 @@ def cache_dir() -> Path:
 def resolve(name_or_path: str) -> str:
     """Return what ``from_pretrained`` should load: a built-in's cache dir, a local dir, or a hub id."""
     if name_or_path in BUILTINS:
-        target = cache_dir() / "models" / name_or_path
+        target = cache_dir() / "models" / f"{name_or_path}-r{BUILTIN_REVISION[name_or_path]}"
         if not (target / "config.json").exists():
             _materialise(name_or_path, target)
         return str(target)
@@ -84,7 +86,9 @@ def _build_tiny_gpt2():
 
     tok = gpt2_tokenizer()
     torch.manual_seed(0)
-    config = GPT2Config(n_layer=2, n_head=2, n_embd=64, n_positions=1024, vocab_size=len(tok))
+    # no dropout: runs with 1 and 2 processes (different RNG streams) can then be compared exactly
+    config = GPT2Config(n_layer=2, n_head=2, n_embd=64, n_positions=1024, vocab_size=len(tok),
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     return GPT2LMHeadModel(config), tok
 
 

@@ -1,7 +1,11 @@
 """Stage 2, train: LoRA SFT with TRL's SFTTrainer + peft, streaming packed blocks from the shards.
 
-Runs as one process or under ``accelerate launch`` / ``torchrun`` (the Trainer reads the launcher's
-environment); each rank reads disjoint shards.
+Runs as one process or under ``accelerate launch`` / ``torchrun`` (DDP or DeepSpeed ZeRO-2/3). Exact
+resume: a checkpoint holds the adapter, optimizer, scheduler, every rank's RNG state and every data
+stream's position; it is written as ``checkpoint-N`` by the Trainer and renamed to ``step-N`` only
+once complete on all ranks, and start-up resumes from the newest ``step-N``. SIGTERM/SIGUSR2 make every
+rank checkpoint at the next step boundary and stop (exit code 75, rerun to resume); SIGUSR1 asks for a
+checkpoint and goes on.
 """
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -17,9 +22,16 @@ import torch
 
 from medgen import models
 from medgen.config import Config
-from medgen.data import shards, stream
+from medgen.data import shards
+from medgen.data.stream import PackedStream, as_hf_iterable, collate
+from medgen.errors import UserError
 
 log = logging.getLogger(__name__)
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again" — the launcher requeues, the rerun resumes
+
+
+class Preempted(Exception):
+    """Training stopped on a signal after a complete checkpoint; rerunning resumes from it."""
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -43,9 +55,8 @@ def sft_config(cfg: Config, precision: str):
     from trl import SFTConfig
 
     t = cfg.train
-    run_dir = Path(cfg.run.dir)
     args: dict[str, Any] = dict(
-        output_dir=str(run_dir / "checkpoints"),
+        output_dir=str(Path(cfg.run.dir) / "checkpoints"),
         max_steps=t.max_steps,
         per_device_train_batch_size=t.batch_size,
         gradient_accumulation_steps=t.grad_accum,
@@ -64,94 +75,256 @@ def sft_config(cfg: Config, precision: str):
         logging_steps=t.logging_steps,
         report_to=["tensorboard"],
         save_strategy="steps" if t.save_steps else "no",
-        save_steps=t.save_steps or 500,
+        save_steps=t.save_steps or t.max_steps,
+        save_total_limit=None,  # medgen keeps the last train.keep_checkpoints complete ones itself
+        ignore_data_skip=True,  # the stream restores its own position; never replay batches
         max_length=t.max_length,
-        packing=False,  # blocks are packed by medgen's stream (exact, per shard)
+        packing=False,  # blocks are packed by medgen's stream
+        dataset_kwargs={"skip_prepare_dataset": True},
         ddp_find_unused_parameters=False,
         dataloader_num_workers=0,
         disable_tqdm=False,
     )
+    if t.deepspeed:
+        args["deepspeed"] = t.deepspeed
     args.update(t.sft_args)
     return SFTConfig(**args)
 
 
-class JsonlLogger:
-    """TrainerCallback writing every log event, with tokens/s, to <run.dir>/train_log.jsonl (rank 0)."""
-
-    def __new__(cls, path: Path, tokens_per_step: int):
-        from transformers import TrainerCallback
-
-        class _Cb(TrainerCallback):
-            def __init__(self):
-                self.t0 = time.time()
-                self.last_step, self.last_t = 0, self.t0
-
-            def on_log(self, args, state, control, logs=None, **kw):
-                if not state.is_world_process_zero or not logs:
-                    return
-                now = time.time()
-                steps = state.global_step - self.last_step
-                rec = {"step": state.global_step, "time": round(now - self.t0, 3), **logs}
-                if steps > 0 and "loss" in logs:
-                    rec["tokens_per_s"] = round(steps * tokens_per_step / max(now - self.last_t, 1e-9), 1)
-                    self.last_step, self.last_t = state.global_step, now
-                with open(path, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
-
-        return _Cb()
+# --------------------------------------------------------------------------- signals
 
 
-def run(cfg: Config) -> dict[str, Any]:
+class Signals:
+    """Handlers only set flags; the step-boundary callback acts on them on every rank at once."""
+
+    PREEMPT = (signal.SIGTERM, signal.SIGUSR2)
+
+    def __init__(self):
+        self.preempt = False
+        self.save_now = False
+        self.previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        for sig in self.PREEMPT:
+            self.previous[sig] = signal.signal(sig, self._on_preempt)
+        self.previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, self._on_save)
+
+    def uninstall(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _on_preempt(self, signum, frame) -> None:
+        self.preempt = True
+
+    def _on_save(self, signum, frame) -> None:
+        self.save_now = True
+
+
+# --------------------------------------------------------------------------- callbacks
+
+
+def _callbacks(run_dir: Path, dataset: PackedStream, collator, signals: Signals, keep: int, tokens_per_step: int):
+    from transformers import TrainerCallback
+
+    class StepBoundary(TrainerCallback):
+        """Per step: sample log, signal flags (all-reduced), stream state + atomic rename on save."""
+
+        def __init__(self):
+            self.preempted = False
+            self.t_last, self.step_last = time.time(), None
+
+        def on_step_end(self, args, state, control, **kw):
+            samples_dir = run_dir / "samples"
+            samples_dir.mkdir(parents=True, exist_ok=True)
+            with open(samples_dir / f"rank-{args.process_index:05d}.jsonl", "a") as f:
+                f.write(json.dumps({"step": state.global_step, "samples": collator.take()}) + "\n")
+            flags = torch.tensor([signals.preempt, signals.save_now], dtype=torch.int32)
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                flags = flags.to(args.device)
+                torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+            preempt, save_now = bool(flags[0]), bool(flags[1])
+            if preempt or save_now:
+                control.should_save = True
+                signals.save_now = False
+            if preempt:
+                control.should_training_stop = True
+                self.preempted = True
+            return control
+
+        def on_save(self, args, state, control, **kw):
+            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            (ckpt / f"stream-rank-{args.process_index:05d}.json").write_text(json.dumps(dataset.state_dict()))
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.barrier()
+            if state.is_world_process_zero:
+                (ckpt / "medgen.json").write_text(json.dumps({"step": state.global_step, "world_size": args.world_size}))
+                final = ckpt.with_name(f"step-{state.global_step}")
+                shutil.rmtree(final, ignore_errors=True)
+                os.rename(ckpt, final)  # the commit point: only step-N dirs are ever resumed from
+                for old in _complete_checkpoints(ckpt.parent)[:-keep]:
+                    shutil.rmtree(old, ignore_errors=True)
+                log.info("checkpoint %s saved", final)
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.barrier()
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if not state.is_world_process_zero or not logs:
+                return
+            now = time.time()
+            rec = {"step": state.global_step, "time": round(now, 3), **logs}
+            if "loss" in logs and self.step_last is not None and state.global_step > self.step_last:
+                rec["tokens_per_s"] = round((state.global_step - self.step_last) * tokens_per_step / (now - self.t_last), 1)
+            if "loss" in logs:
+                self.t_last, self.step_last = now, state.global_step
+            with open(run_dir / "train_log.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    return StepBoundary()
+
+
+class RecordingCollator:
+    """``collate`` that remembers which blocks it batched, for the per-step sample log."""
+
+    def __init__(self):
+        self.samples: list[str] = []
+
+    def __call__(self, items):
+        self.samples += [it.pop("sample") for it in items]
+        return collate(items)
+
+    def take(self) -> list[str]:
+        out, self.samples = self.samples, []
+        return out
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _complete_checkpoints(d: Path) -> list[Path]:
+    done = [p for p in d.glob("step-*") if (p / "medgen.json").exists()]
+    return sorted(done, key=lambda p: int(p.name.split("-")[1]))
+
+
+def _restore_stream(ckpt: Path, dataset: PackedStream, world: int) -> None:
+    states = [json.loads(p.read_text()) for p in sorted(ckpt.glob("stream-rank-*.json"))]
+    if not states:
+        raise UserError(f"checkpoint {ckpt} has no stream state; delete it to start over")
+    merged = {"num_streams": states[0]["num_streams"], "next": 0, "streams": {}}
+    for s in states:
+        merged["streams"].update(s["streams"])
+    if len(states) == world:  # same layout: keep this rank's round-robin position
+        mine = next(s for s in states if set(s["streams"]) == {str(v) for v in dataset.stream_ids})
+        merged["next"] = mine["next"]
+    dataset.load_state_dict(merged)
+
+
+def _truncate_samples(run_dir: Path, rank: int, step: int) -> None:
+    """Drop sample-log lines of steps after the checkpoint: they are trained again."""
+    path = run_dir / "samples" / f"rank-{rank:05d}.jsonl"
+    if path.exists():
+        lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+        path.write_text("".join(ln + "\n" for ln in lines))
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def build_trainer(cfg: Config):
     from peft import LoraConfig
     from trl import SFTTrainer
 
     t = cfg.train
-    run_dir = Path(cfg.run.dir)
     tok = models.load_tokenizer(cfg.model.name_or_path, cfg.model.revision)
     manifest = shards.read_manifest(cfg.shards_url, cfg.data.storage_options)
     shards.check_tokenizer(manifest, models.tokenizer_fingerprint(tok), cfg.model.name_or_path, cfg.shards_url)
     precision = resolve_precision(t.precision)
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(Path(cfg.run.dir) / "tensorboard"))
+    args = sft_config(cfg, precision)  # initialises the distributed state (accelerate)
+    rank, world = args.process_index, args.world_size
+    streams = t.data_streams or world
+    try:
+        dataset = PackedStream(cfg.shards_url, manifest, cfg.data.storage_options, t.max_length, tok.eos_token_id,
+                               t.packing, streams, rank, world)
+    except ValueError as e:
+        raise UserError(f"train: {e}") from None
     model = models.load_model(cfg.model.name_or_path, cfg.model.revision, torch.float32)
     targets, fan_in_fan_out = models.lora_targets(model, cfg.lora.target_modules)
     peft_config = LoraConfig(
         r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, target_modules=targets,
         fan_in_fan_out=fan_in_fan_out, bias="none", task_type="CAUSAL_LM",
     )
-    dataset = stream.train_stream(cfg.shards_url, manifest, cfg.data.storage_options, t.max_length, tok.eos_token_id)
-    # transformers 5 dropped TrainingArguments.logging_dir; the TensorBoard callback reads this instead
-    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run_dir / "tensorboard"))
-    args = sft_config(cfg, precision)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    tokens_per_step = t.batch_size * t.grad_accum * t.max_length * world
-    trainer = SFTTrainer(
-        model=model, args=args, train_dataset=dataset, processing_class=tok, peft_config=peft_config,
-        callbacks=[JsonlLogger(run_dir / "train_log.jsonl", tokens_per_step)],
-    )
+    collator = RecordingCollator()
+    # peft initialises LoRA A inside SFTTrainer's constructor: seed first, or every process and every
+    # run starts from a different adapter
+    from transformers import set_seed
+
+    set_seed(t.seed)
+
+    class MedgenSFTTrainer(SFTTrainer):
+        def get_train_dataloader(self):
+            # Not passed through accelerator.prepare: the stream already gives each rank its own blocks,
+            # and a second split on top would lose data.
+            # Its own generator: a DataLoader iterator draws a seed from the global RNG, which on resume
+            # would shift the restored dropout RNG by one draw.
+            return torch.utils.data.DataLoader(dataset, batch_size=self._train_batch_size, collate_fn=collator,
+                                               num_workers=0, pin_memory=torch.cuda.is_available(),
+                                               generator=torch.Generator())
+
+    trainer = MedgenSFTTrainer(model=model, args=args, train_dataset=as_hf_iterable(dataset), processing_class=tok,
+                               peft_config=peft_config, data_collator=collator)
+    return trainer, dataset, collator, dict(precision=precision, targets=targets, streams=streams, tok=tok)
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    t = cfg.train
+    run_dir = Path(cfg.run.dir)
+    trainer, dataset, collator, info = build_trainer(cfg)
+    args = trainer.args
+    tokens_per_step = t.batch_size * t.grad_accum * t.max_length * args.world_size
+    signals = Signals()
+    step_cb = _callbacks(run_dir, dataset, collator, signals, t.keep_checkpoints, tokens_per_step)
+    trainer.add_callback(step_cb)
+    ckpt_dir = Path(args.output_dir)
+    resume = _complete_checkpoints(ckpt_dir)[-1] if ckpt_dir.exists() and _complete_checkpoints(ckpt_dir) else None
+    if resume:
+        _restore_stream(resume, dataset, args.world_size)
+        _truncate_samples(run_dir, args.process_index, int(resume.name.split("-")[1]))
     if trainer.is_world_process_zero():
         run_dir.mkdir(parents=True, exist_ok=True)
-        log.info("train: %s + LoRA r=%d on %s, %s, %d steps x %d tokens", cfg.model.name_or_path, cfg.lora.r,
-                 targets, precision, t.max_steps, tokens_per_step)
-    resume = _latest_checkpoint(Path(args.output_dir))
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        for partial in ckpt_dir.glob("checkpoint-*"):  # never picked; left by a killed save
+            shutil.rmtree(partial, ignore_errors=True)
+        log.info("train: %s + LoRA r=%d on %s, %s, %d steps x %d tokens, %d processes, %d data streams%s",
+                 cfg.model.name_or_path, cfg.lora.r, info["targets"], info["precision"], t.max_steps,
+                 tokens_per_step, args.world_size, info["streams"], f", resuming from {resume}" if resume else "")
+    signals.install()
+    try:
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    finally:
+        signals.uninstall()
+    if step_cb.preempted:
+        raise Preempted(f"train: stopped by a signal at step {trainer.state.global_step}; "
+                        f"checkpoint saved in {ckpt_dir}; rerun the same command to resume")
     adapter_dir = run_dir / "adapter"
-    if trainer.is_world_process_zero():
-        _save_atomic(trainer, adapter_dir)
-        if t.merge:
-            _save_merged(trainer.model, tok, run_dir / "merged")
+    _save_atomic(trainer, adapter_dir)
+    if t.merge and trainer.is_world_process_zero():
+        _save_merged(trainer.model, info["tok"], run_dir / "merged")
     trainer.accelerator.wait_for_everyone()
-    return {"train_loss": result.training_loss, "steps": result.global_step, "precision": precision,
+    return {"train_loss": result.training_loss, "steps": result.global_step, "precision": info["precision"],
             "adapter": str(adapter_dir)}
 
 
-def _latest_checkpoint(d: Path) -> Path | None:
-    done = [p for p in d.glob("checkpoint-*") if (p / "trainer_state.json").exists()]
-    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
-
-
 def _save_atomic(trainer, target: Path) -> None:
+    """All ranks take part (ZeRO-3 gathers the adapter); rank 0 renames the finished directory."""
     tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    trainer.model.save_pretrained(str(tmp), safe_serialization=True)
+    if trainer.is_world_process_zero():
+        shutil.rmtree(tmp, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(str(tmp))
+    trainer.accelerator.wait_for_everyone()
+    if not trainer.is_world_process_zero():
+        return
+    for extra in ("training_args.bin", "README.md"):
+        (tmp / extra).unlink(missing_ok=True)
     old = target.with_name(target.name + ".old")
     if target.exists():
         shutil.rmtree(old, ignore_errors=True)
@@ -164,5 +337,8 @@ def _save_merged(peft_model, tok, target: Path) -> None:
     import copy
 
     merged = copy.deepcopy(peft_model).merge_and_unload()
-    merged.save_pretrained(str(target), safe_serialization=True)
-    tok.save_pretrained(str(target))
+    tmp = target.with_name(target.name + ".tmp")
+    merged.save_pretrained(str(tmp), safe_serialization=True)
+    tok.save_pretrained(str(tmp))
+    shutil.rmtree(target, ignore_errors=True)
+    os.rename(tmp, target)

@@ -1,0 +1,127 @@
+"""Distributed LoRA SFT: 1 vs 2 processes, and exact resume after SIGTERM or kill -9 (real TRL, gloo)."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from tests.conftest import ROOT, medgen
+
+pytestmark = pytest.mark.slow
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    run = tmp_path_factory.mktemp("train-data")
+    medgen("prepare", "--config", "configs/tiny.yaml", f"run.dir={run}", "data.num_shards=2")
+    return str(run / "data")
+
+
+def _cmd(nproc: int, run_dir: Path, shards: str, *extra: str) -> list[str]:
+    args = ["train", "--config", "configs/tiny.yaml", f"run.dir={run_dir}", f"data.shards={shards}",
+            f"train.max_steps={STEPS}", "train.data_streams=2", "train.warmup_steps=2", *extra]
+    if nproc == 1:
+        return [sys.executable, "-m", "medgen", *args]
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    return [torchrun, "--nproc_per_node", str(nproc), "--master_port", str(random.randint(20000, 40000)),
+            "-m", "medgen", *args]
+
+
+def _env() -> dict:
+    return {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+
+
+def _run(nproc, run_dir, shards, *extra):
+    proc = subprocess.run(_cmd(nproc, run_dir, shards, *extra), cwd=ROOT, env=_env(), capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return run_dir
+
+
+def _adapter(run_dir):
+    return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+
+
+def _max_diff(a, b):
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def _samples(run_dir):
+    out = {}
+    for f in sorted((run_dir / "samples").glob("rank-*.jsonl")):
+        recs = [json.loads(x) for x in f.read_text().splitlines()]
+        assert [r["step"] for r in recs] == list(range(1, STEPS + 1)), f"{f}: steps missing or repeated"
+        out[f.name] = [r["samples"] for r in recs]
+    return out
+
+
+def _steps_done(run_dir) -> int:
+    f = run_dir / "samples" / "rank-00000.jsonl"
+    return len(f.read_text().splitlines()) if f.exists() else 0
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, shards):
+    """Uninterrupted runs (LoRA dropout on, so resuming must restore the RNG too)."""
+    base = tmp_path_factory.mktemp("ref")
+    return {n: _run(n, base / f"p{n}", shards, f"train.batch_size={4 // n}") for n in (1, 2)}
+
+
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path, shards):
+    one = _run(1, tmp_path / "one", shards, "train.batch_size=4", "lora.dropout=0")
+    two = _run(2, tmp_path / "two", shards, "train.batch_size=2", "lora.dropout=0")
+    assert _max_diff(_adapter(one), _adapter(two)) < 1e-5
+    s1, s2 = _samples(one)["rank-00000.jsonl"], _samples(two)
+    r0, r1 = s2["rank-00000.jsonl"], s2["rank-00001.jsonl"]
+    assert not {x for step in r0 for x in step} & {x for step in r1 for x in step}  # disjoint data
+    assert [sorted(a) for a in s1] == [sorted(a + b) for a, b in zip(r0, r1)]  # same global batches
+    assert max(v.abs().max().item() for k, v in _adapter(one).items() if "lora_B" in k) > 1e-4  # it trained
+
+
+def _interrupt(nproc, run_dir, shards, how):
+    extra = [f"train.batch_size={4 // nproc}", "train.save_steps=2" if how == "kill9" else "train.save_steps=0"]
+    stop_at = random.Random(f"{nproc}{how}").randint(2, STEPS - 2)
+    proc = subprocess.Popen(_cmd(nproc, run_dir, shards, *extra), cwd=ROOT, env=_env(), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600
+    ckpts = run_dir / "checkpoints"
+    while time.time() < deadline and proc.poll() is None:
+        if how == "sigterm" and _steps_done(run_dir) >= stop_at:
+            os.killpg(proc.pid, signal.SIGTERM)  # as SLURM does: every process of the job
+            break
+        if how == "kill9" and (ckpts / "step-4").exists():
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    err = proc.communicate(timeout=300)[1]
+    assert proc.returncode != 0, f"the run finished before it could be interrupted:\n{err[-2000:]}"
+    if how == "sigterm":
+        assert "stopped by a signal" in err, err[-3000:]
+        done = sorted(ckpts.glob("step-*"))
+        assert len(done) == 1 and int(done[0].name.split("-")[1]) >= stop_at
+    assert not (run_dir / "adapter").exists()
+    return _run(nproc, run_dir, shards, *extra)
+
+
+@pytest.mark.parametrize("nproc,how", [(1, "sigterm"), (2, "sigterm"), (1, "kill9"), (2, "kill9")])
+def test_resume_after_interruption_is_exact(tmp_path, shards, reference, nproc, how):
+    resumed = _interrupt(nproc, tmp_path / "run", shards, how)
+    assert _max_diff(_adapter(resumed), _adapter(reference[nproc])) <= 1e-6
+    assert _samples(resumed) == _samples(reference[nproc])  # no block trained twice or skipped
+
+
+def test_checkpoints_keep_the_last_k_complete(tmp_path, shards):
+    run = _run(1, tmp_path / "k", shards, "train.save_steps=2", "train.keep_checkpoints=2")
+    assert sorted(p.name for p in (run / "checkpoints").glob("step-*")) == ["step-6", "step-8"]
+    assert not list((run / "checkpoints").glob("checkpoint-*"))
+    for name in ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth",
+                 "trainer_state.json", "stream-rank-00000.json", "medgen.json"):
+        assert (run / "checkpoints" / "step-8" / name).exists(), name
