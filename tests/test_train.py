@@ -125,3 +125,32 @@ def test_checkpoints_keep_the_last_k_complete(tmp_path, shards):
     for name in ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth",
                  "trainer_state.json", "stream-rank-00000.json", "medgen.json"):
         assert (run / "checkpoints" / "step-8" / name).exists(), name
+
+
+def test_zero2_on_cpu_with_two_processes_saves_an_adapter_that_reloads(tmp_path, shards):
+    from peft import PeftModel
+
+    from medgen import models
+
+    run = tmp_path / "z2"
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    proc = subprocess.run(
+        [torchrun, "--nproc_per_node", "2", "--master_port", str(random.randint(20000, 40000)), "-m", "medgen",
+         "train", "--config", "configs/tiny.yaml", f"run.dir={run}", f"data.shards={shards}", "train.max_steps=3",
+         "train.deepspeed=configs/deepspeed/zero2.json"],
+        cwd=ROOT, env={**_env(), "DS_ACCELERATOR": "cpu"}, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    model = PeftModel.from_pretrained(models.load_model("tiny-gpt2"), str(run / "adapter"))
+    assert max(p.abs().max().item() for n, p in model.named_parameters() if "lora_B" in n) > 1e-5
+
+
+def test_accelerate_preset_starts_two_processes(tmp_path, shards):
+    accelerate = str(Path(sys.executable).with_name("accelerate"))
+    run = tmp_path / "acc"
+    proc = subprocess.run(
+        [accelerate, "launch", "--config_file", "configs/accelerate/cpu2.yaml", "--main_process_port",
+         str(random.randint(20000, 40000)), "-m", "medgen", "train", "--config", "configs/tiny.yaml",
+         f"run.dir={run}", f"data.shards={shards}", "train.max_steps=2"],
+        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert sorted(p.name for p in (run / "samples").glob("*.jsonl")) == ["rank-00000.jsonl", "rank-00001.jsonl"]

@@ -1,0 +1,152 @@
+"""Training throughput: medgen vs TRL's SFTConfig defaults, same model (GPT-2 124M, random init) and data.
+
+Useful tokens = tokens that carry a loss (not padding). Both trainers are timed from the end of their
+first optimizer step to the end of the last, so start-up and the first step's warm-up are excluded.
+
+    python bench/bench_train.py                      # CPU: 2 cores, fp32 vs TRL defaults
+    python bench/bench_train.py --device cuda        # GPU: bf16, 1024 tokens, MFU against 790 TFLOP/s
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+SAMPLE = ROOT.parent / "shared" / "data" / "medium" / "medium-articles-500.csv"
+PEAK_FLOPS = 790e12  # measured bf16 matmul on an H100 (shared/notes/device-facts.md)
+
+
+def gpt2_124m(out: Path) -> Path:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from medgen.models import gpt2_tokenizer
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config()).save_pretrained(out)
+    gpt2_tokenizer().save_pretrained(out)
+    return out
+
+
+class StepClock:
+    def __init__(self, trainer_ref, useful):
+        self.ref, self.useful, self.marks = trainer_ref, useful, []
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        clock = self
+
+        class _C(TrainerCallback):
+            def on_step_end(self, args, state, control, **kw):
+                if args.device.type == "cuda":
+                    torch.cuda.synchronize()
+                clock.marks.append((time.perf_counter(), clock.useful(clock.ref[0])))
+
+        return _C()
+
+    def rate(self) -> float:
+        (t0, n0), (t1, n1) = self.marks[0], self.marks[-1]
+        return (n1 - n0) / (t1 - t0)
+
+
+def run_medgen(cfg_overrides: list[str], steps: int) -> float:
+    from medgen.config import load_config
+    from medgen.train import build_trainer
+
+    cfg = load_config(str(ROOT / "configs" / "tiny.yaml"), cfg_overrides + [f"train.max_steps={steps}"])
+    trainer, dataset, collator, info = build_trainer(cfg)
+    block = cfg.train.max_length * cfg.train.batch_size * cfg.train.grad_accum
+    counter = {"n": 0}
+    clock = StepClock([counter], lambda c: c["n"])
+
+    from transformers import TrainerCallback
+
+    class Count(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            counter["n"] += block  # packed blocks: every token is useful
+
+    trainer.add_callback(Count())
+    trainer.add_callback(clock.callback())
+    trainer.train()
+    return clock.rate()
+
+
+def run_trl_defaults(model_dir: Path, texts: list[str], steps: int, batch: int, max_length: int, device: str) -> float:
+    import datasets
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.pad_token = tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    ds = datasets.Dataset.from_dict({"text": texts})
+    args = SFTConfig(output_dir=tempfile.mkdtemp(), max_steps=steps, per_device_train_batch_size=batch,
+                     max_length=max_length, use_cpu=device == "cpu", report_to=[], save_strategy="no",
+                     logging_steps=1000, disable_tqdm=True)
+    peft = LoraConfig(r=16, lora_alpha=32, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True,
+                      task_type="CAUSAL_LM")
+    ref = [None]
+    clock = StepClock(ref, lambda t: t._total_train_tokens)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=peft,
+                         callbacks=[clock.callback()])
+    ref[0] = trainer
+    trainer.train()
+    return clock.rate(), args.bf16, args.gradient_checkpointing
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--max-length", type=int, default=512)
+    ap.add_argument("--only", choices=["both", "medgen", "trl"], default="both")
+    args = ap.parse_args()
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    if not SAMPLE.exists():
+        sys.exit(f"real Medium sample not found at {SAMPLE}")
+    work = Path(tempfile.mkdtemp(prefix="bench-train-"))
+    model_dir = gpt2_124m(work / "gpt2-124m")
+    data = work / "data"
+    subprocess.run([sys.executable, "-m", "medgen", "prepare", "--config", "configs/tiny.yaml", "-q",
+                    f"run.dir={work}", f"data.source={SAMPLE}", f"model.name_or_path={model_dir}",
+                    "data.num_shards=1"], cwd=ROOT, check=True)
+    import pyarrow.parquet as pq
+
+    texts = []
+    for f in sorted((data / "train").glob("*.parquet")):
+        t = pq.read_table(f, columns=["title", "text"]).to_pylist()
+        texts += [f"{r['title']}\n\n{r['text']}" for r in t]
+    precision = "bf16" if args.device == "cuda" else "fp32"
+    ours = trl = None
+    if args.only in ("both", "medgen"):
+        ours = run_medgen([f"run.dir={work / 'run'}", f"data.shards={data}", f"model.name_or_path={model_dir}",
+                           f"train.batch_size={args.batch}", f"train.max_length={args.max_length}",
+                           f"train.precision={precision}", "train.logging_steps=1000", "lora.dropout=0.05",
+                           "train.warmup_steps=1"], args.steps)
+    if args.only in ("both", "trl"):
+        trl, bf16, ckpt = run_trl_defaults(model_dir, texts, args.steps, args.batch, args.max_length, args.device)
+    res = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+           "threads": torch.get_num_threads(), "batch": args.batch, "max_length": args.max_length,
+           "steps": args.steps, "medgen_precision": precision, "medgen_tokens_per_s": ours,
+           "trl_defaults_tokens_per_s": trl}
+    if ours and trl:
+        res["speedup"] = ours / trl
+    if args.device == "cuda" and ours and args.max_length == 1024:
+        # LoRA SFT of GPT-2 124M at 1024 tokens: ~554 MFLOP per token (shared/notes/device-facts.md)
+        res["mfu"] = ours * 554e6 / PEAK_FLOPS
+    print(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()
