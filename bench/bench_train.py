@@ -111,15 +111,16 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--only", choices=["both", "medgen", "trl"], default="both")
+    ap.add_argument("--sample", type=Path, default=SAMPLE, help="Kaggle-schema CSV of real articles")
     args = ap.parse_args()
     os.environ["HF_HUB_OFFLINE"] = "1"
-    if not SAMPLE.exists():
-        sys.exit(f"real Medium sample not found at {SAMPLE}")
+    if not args.sample.exists():
+        sys.exit(f"real Medium sample not found at {args.sample}")
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
     model_dir = gpt2_124m(work / "gpt2-124m")
     data = work / "data"
     subprocess.run([sys.executable, "-m", "medgen", "prepare", "--config", "configs/tiny.yaml", "-q",
-                    f"run.dir={work}", f"data.source={SAMPLE}", f"model.name_or_path={model_dir}",
+                    f"run.dir={work}", f"data.source={args.sample}", f"model.name_or_path={model_dir}",
                     "data.num_shards=1"], cwd=ROOT, check=True)
     import pyarrow.parquet as pq
 

@@ -1,94 +1,357 @@
-"""Stage 5, report: one markdown page (plus PNG plots) from the files the other stages wrote."""
+"""Stage 5, report: ``report/report.md`` and a self-contained ``report.html``, with PNG plots.
+
+Reads only what the other stages wrote: the prepare report, train_log.jsonl, eval/metrics.json and
+eval/articles.jsonl, generations.jsonl, and the held-out split (for text statistics).
+"""
 from __future__ import annotations
 
+import base64
+import html
 import json
 import logging
+import math
 import os
+import re
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from medgen.config import Config
 from medgen.data import shards
+from medgen.models import versions
 
 log = logging.getLogger(__name__)
 
 
-def _read_json(path: Path) -> Any:
+# --------------------------------------------------------------------------- inputs
+
+
+def _json(path: Path) -> Any:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def _jsonl(path: Path) -> list[dict]:
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
 
 
-def _loss_plot(log_rows: list[dict], out: Path) -> str | None:
-    rows = [r for r in log_rows if "loss" in r]
-    if not rows:
+def _prepare_report(cfg: Config) -> dict | None:
+    fs, root = shards.filesystem(cfg.shards_url, cfg.data.storage_options)
+    path = f"{root}/{shards.REPORT}"
+    if not fs.exists(path):
         return None
+    with fs.open(path) as f:
+        return json.load(f)
+
+
+def _held_out_texts(cfg: Config, limit: int = 200) -> list[str]:
+    from medgen.data.stream import load_articles
+
+    try:
+        manifest = shards.read_manifest(cfg.shards_url, cfg.data.storage_options)
+        rows = load_articles(cfg.shards_url, manifest, cfg.data.storage_options, cfg.eval.split, ("text",))
+    except Exception as e:  # the report still renders without this section
+        log.warning("report: no held-out texts (%s)", e)
+        return []
+    return [r["text"] for r in rows[:limit]]
+
+
+# --------------------------------------------------------------------------- text statistics
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"\w+|[^\w\s]", text.lower())
+
+
+def text_stats(texts: list[str]) -> dict[str, float]:
+    """Means over texts of distinct-n (unique n-grams / n-grams), repetition (share of 4-grams already
+    seen in the same text) and length in words."""
+    toks = [w for w in (_words(t) for t in texts) if len(w) >= 4]
+    if not toks:
+        return {}
+    out: dict[str, float] = {}
+    for n in (1, 2, 3):
+        out[f"distinct_{n}"] = sum(len(set(_grams(w, n))) / len(_grams(w, n)) for w in toks) / len(toks)
+    out["repetition_4gram"] = sum(1 - len(set(_grams(w, 4))) / len(_grams(w, 4)) for w in toks) / len(toks)
+    out["mean_words"] = sum(len(re.findall(r"\w+", t)) for t in texts) / len(texts)
+    return out
+
+
+def _grams(words: list[str], n: int) -> list[tuple]:
+    return [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+
+
+def _snippets(texts: list[str], words: int) -> list[str]:
+    """Held-out articles cut to about the length of a completion, so the statistics compare like with like."""
+    out = []
+    for t in texts:
+        ws = t.split()
+        if len(ws) > words:
+            mid = len(ws) // 2
+            out.append(" ".join(ws[mid:mid + words]))
+    return out
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def _plt():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(1, 2, figsize=(9, 3.2))
-    ax[0].plot([r["step"] for r in rows], [r["loss"] for r in rows], marker=".")
-    ax[0].set(title="training loss", xlabel="step", ylabel="loss")
-    ax[1].plot([r["step"] for r in rows], [r.get("learning_rate", 0) for r in rows], color="tab:orange")
+    plt.rcParams.update({"figure.dpi": 110, "axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False,
+                         "axes.spines.right": False})
+    return plt
+
+
+def plot_training(rows: list[dict], out: Path) -> str | None:
+    rows = [r for r in rows if "loss" in r]
+    if not rows:
+        return None
+    plt = _plt()
+    steps = [r["step"] for r in rows]
+    fig, ax = plt.subplots(1, 3, figsize=(12, 3.2))
+    ax[0].plot(steps, [r["loss"] for r in rows], marker=".", color="tab:blue")
+    ax[0].set(title="training loss", xlabel="step", ylabel="loss (nats/token)")
+    ax[1].plot(steps, [r.get("learning_rate", float("nan")) for r in rows], color="tab:orange")
     ax[1].set(title="learning rate", xlabel="step")
+    tps = [(r["step"], r["tokens_per_s"]) for r in rows if "tokens_per_s" in r]
+    if tps:
+        ax[2].plot(*zip(*tps), marker=".", color="tab:green")
+    ax[2].set(title="throughput", xlabel="step", ylabel="tokens/s")
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    fig.savefig(out)
     plt.close(fig)
     return out.name
+
+
+def plot_per_tag(metrics: dict, out: Path) -> str | None:
+    base = metrics.get("base", {}).get("per_tag") or {}
+    if not base:
+        return None
+    plt = _plt()
+    tuned = metrics.get("tuned", {}).get("per_tag") or {}
+    tags = list(base)[:10]
+    x = range(len(tags))
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(tags) + 2), 3.6))
+    w = 0.4 if tuned else 0.8
+    ax.bar([i - w / 2 if tuned else i for i in x], [base[t]["perplexity"] for t in tags], w, label="base")
+    if tuned:
+        ax.bar([i + w / 2 for i in x], [tuned[t]["perplexity"] for t in tags], w, label="tuned")
+    ax.set_xticks(list(x))
+    ax.set_xticklabels([f"{t}\n({base[t]['articles']})" for t in tags], rotation=30, ha="right", fontsize=8)
+    ax.set(title="perplexity by tag (articles per tag)", ylabel="perplexity")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out.name
+
+
+def plot_article_nll(rows: list[dict], out: Path) -> str | None:
+    if not rows:
+        return None
+    plt = _plt()
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.4))
+    series = {k: [r[f"{k}_nll"] / r["tokens"] for r in rows if f"{k}_nll" in r and r["tokens"]] for k in ("base", "tuned")}
+    everything = [v for vals in series.values() for v in vals]
+    bins = np.linspace(min(everything), max(everything), min(30, max(6, len(everything) // 3)) + 1)
+    for (key, vals), color in zip(series.items(), ("tab:blue", "tab:orange")):
+        if vals:
+            ax.hist(vals, bins=bins, alpha=0.55, color=color, label=f"{key} (median {np.median(vals):.2f})")
+    ax.set(title="per-article NLL", xlabel="mean NLL per token (nats)", ylabel="articles")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out.name
+
+
+# --------------------------------------------------------------------------- markdown
+
+
+def _fmt(x: float, d: int = 3) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{d}f}"
+
+
+def _md_table(head: list[str], rows: list[list[Any]]) -> list[str]:
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return out + [""]
+
+
+def _section_config(cfg: Config) -> list[str]:
+    t, lo = cfg.train, cfg.lora
+    return ["## Run", ""] + _md_table(["setting", "value"], [
+        ["model", f"`{cfg.model.name_or_path}`"],
+        ["LoRA", f"r={lo.r}, alpha={lo.alpha}, dropout={lo.dropout}, targets={lo.target_modules or 'architecture default'}"],
+        ["training", f"{t.max_steps} steps x {t.batch_size} x {t.max_length} tokens (grad accum {t.grad_accum}), "
+                     f"lr {t.learning_rate} {t.lr_scheduler}, precision {t.precision}, packing {t.packing}"],
+        ["data", f"`{cfg.data.source}` -> `{cfg.shards_url}`"],
+        ["evaluation", f"split `{cfg.eval.split}`, context {cfg.eval.context}, stride {cfg.eval.stride}"],
+        ["config fingerprint", f"`{cfg.fingerprint()}`"],
+    ])
+
+
+def _section_perplexity(metrics: dict) -> list[str]:
+    out = ["## Perplexity", "",
+           f"Split `{metrics['split']}`: {metrics['base']['articles']} articles, {metrics['base']['tokens']} predicted "
+           f"tokens, {metrics['method']} (context {metrics['context']}, stride {metrics['stride']}); perplexity = "
+           "exp(sum of token NLL / number of predicted tokens); 95% intervals bootstrap over articles.", ""]
+    rows = []
+    for k in ("base", "tuned"):
+        if k in metrics:
+            m = metrics[k]
+            ci = m.get("ci95") or [float("nan")] * 2
+            rows.append([k, f"**{_fmt(m['perplexity'])}**", f"{_fmt(ci[0], 2)} - {_fmt(ci[1], 2)}",
+                         _fmt(m["bits_per_byte"], 4), m["tokens"]])
+    out += _md_table(["model", "perplexity", "95% CI", "bits/byte", "tokens"], rows)
+    if "delta" in metrics:
+        d = metrics["delta"]
+        verdict = "better" if d["ci95"][1] < 0 else "worse" if d["ci95"][0] > 0 else "not significantly different"
+        out += [f"Tuned / base = **{d['ratio']:.3f}**; paired 95% interval of tuned - base: "
+                f"{d['ci95'][0]:.2f} to {d['ci95'][1]:.2f} (tuned is {verdict}).", ""]
+    return out
+
+
+def _section_data(prep: dict) -> list[str]:
+    out = ["## Data", "", f"{prep['rows_read']} rows read, **{prep['rows_kept']} kept**, {prep['rows_dropped']} dropped.", ""]
+    out += _md_table(["dropped because", "rows"], [[k, v] for k, v in prep["dropped"].items()] or [["(nothing)", 0]])
+    if prep.get("warnings"):
+        out += _md_table(["kept, field repaired", "rows"], [[k, v] for k, v in prep["warnings"].items()])
+    out += _md_table(["cleaning rule", "articles changed"], [[k, v] for k, v in prep.get("cleaned", {}).items()])
+    out += _md_table(["split", "articles", "tokens"], [[k, v["articles"], v["tokens"]] for k, v in prep["splits"].items()])
+    return out
+
+
+def _section_generations(gens: list[dict], held_out: list[str]) -> list[str]:
+    out = ["## Generations", ""]
+    has_base = any("base_completion" in g for g in gens)
+    for g in gens[:6]:
+        out += [f"**{g['id']}** — _{g['prompt'].strip()}_", ""]
+        if has_base:
+            out += _md_table(["base", "tuned"], [[_cell(g.get("base_completion", "")), _cell(g["completion"])]])
+        else:
+            out += [f"> {_cell(g['completion'])}", ""]
+    tuned = text_stats([g["completion"] for g in gens])
+    rows = [["tuned completions", *(_fmt(tuned.get(k)) for k in STAT_KEYS)]]
+    if has_base:
+        base = text_stats([g.get("base_completion", "") for g in gens])
+        rows.insert(0, ["base completions", *(_fmt(base.get(k)) for k in STAT_KEYS)])
+    if held_out and tuned:
+        ref = text_stats(_snippets(held_out, max(5, int(tuned["mean_words"]))))
+        if ref:
+            rows.append(["held-out articles (same length)", *(_fmt(ref.get(k)) for k in STAT_KEYS)])
+    out += ["Text statistics, means over texts (distinct-n = unique n-grams / n-grams; repetition = share of "
+            "4-grams already seen in the same text):", ""]
+    out += _md_table(["text", *STAT_KEYS], rows)
+    return out
+
+
+STAT_KEYS = ["distinct_1", "distinct_2", "distinct_3", "repetition_4gram", "mean_words"]
+
+
+def _cell(text: str) -> str:
+    return " ".join(text.split()).replace("|", "\\|")
+
+
+def _section_provenance(metrics: dict | None, prep: dict | None) -> list[str]:
+    rows = [[k, v] for k, v in versions().items()]
+    if metrics:
+        rows += [["model fingerprint", metrics.get("model_fingerprint", "")],
+                 ["adapter fingerprint", metrics.get("adapter_fingerprint", "")],
+                 ["eval processes", metrics.get("world_size", "")]]
+    if prep:
+        rows.append(["source sha256", prep.get("source_sha256", "")])
+    return ["## Provenance", ""] + _md_table(["item", "value"], rows)
+
+
+# --------------------------------------------------------------------------- the stage
 
 
 def run(cfg: Config) -> dict[str, Any]:
     run_dir = Path(cfg.run.dir)
     out = run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
-    fs, root = shards.filesystem(cfg.shards_url, cfg.data.storage_options)
-    prep = None
-    if fs.exists(f"{root}/{shards.REPORT}"):
-        with fs.open(f"{root}/{shards.REPORT}") as f:
-            prep = json.load(f)
-    metrics = _read_json(run_dir / "eval" / "metrics.json")
-    train_log = _read_jsonl(run_dir / "train_log.jsonl")
-    gens = _read_jsonl(run_dir / "generations" / "generations.jsonl")
-    lines = [f"# medgen report: {cfg.run.name}", "",
-             f"Model `{cfg.model.name_or_path}` + LoRA r={cfg.lora.r}, {cfg.train.max_steps} steps "
-             f"of {cfg.train.batch_size}x{cfg.train.max_length} tokens; config fingerprint `{cfg.fingerprint()}`.", ""]
+    prep = _prepare_report(cfg)
+    metrics = _json(run_dir / "eval" / "metrics.json")
+    articles = _jsonl(run_dir / "eval" / "articles.jsonl")
+    gens = _jsonl(run_dir / "generations" / "generations.jsonl")
+    lines = [f"# medgen report: {cfg.run.name}", ""]
+    if metrics and "tuned" in metrics:
+        lines += [f"**Tuned perplexity {metrics['tuned']['perplexity']:.2f} vs base {metrics['base']['perplexity']:.2f}** "
+                  f"({metrics['delta']['ratio']:.3f}x) on {metrics['base']['articles']} held-out articles.", ""]
+    lines += _section_config(cfg)
     if metrics:
-        lines += ["## Perplexity", "",
-                  f"Split `{metrics['split']}`, {metrics['base']['articles']} articles, {metrics['base']['tokens']} "
-                  f"predicted tokens; {metrics['method']} (context {metrics['context']}, stride {metrics['stride']}).", "",
-                  "| model | perplexity | 95% CI | bits/byte |", "|---|---|---|---|"]
-        for k in ("base", "tuned"):
-            if k in metrics:
-                m = metrics[k]
-                ci = m.get("ci95", [float("nan")] * 2)
-                lines.append(f"| {k} | {m['perplexity']:.3f} | {ci[0]:.2f} - {ci[1]:.2f} | {m['bits_per_byte']:.4f} |")
-        if "delta" in metrics:
-            d = metrics["delta"]
-            lines += ["", f"Tuned/base = {d['ratio']:.3f}; paired 95% CI of the difference: "
-                          f"{d['ci95'][0]:.2f} to {d['ci95'][1]:.2f}."]
-        lines.append("")
+        lines += _section_perplexity(metrics)
+        for fn, name, title in ((plot_per_tag, "per_tag.png", "perplexity by tag"),
+                                (plot_article_nll, "article_nll.png", "per-article NLL")):
+            png = fn(metrics, out / name) if fn is plot_per_tag else fn(articles, out / name)
+            if png:
+                lines += [f"![{title}]({png})", ""]
+    png = plot_training(_jsonl(run_dir / "train_log.jsonl"), out / "training.png")
+    if png:
+        lines += ["## Training", "", f"![training curves]({png})", ""]
     if prep:
-        lines += ["## Data", "", f"{prep['rows_read']} rows read, {prep['rows_kept']} kept, {prep['rows_dropped']} dropped.", "",
-                  "| dropped because | rows |", "|---|---|"]
-        lines += [f"| {k} | {v} |" for k, v in prep["dropped"].items()] or ["| (none) | 0 |"]
-        lines += ["", "| split | articles | tokens |", "|---|---|---|"]
-        lines += [f"| {k} | {v['articles']} | {v['tokens']} |" for k, v in prep["splits"].items()]
-        lines.append("")
-    plot = _loss_plot(train_log, out / "training.png")
-    if plot:
-        lines += ["## Training", "", f"![training curves]({plot})", ""]
+        lines += _section_data(prep)
     if gens:
-        lines += ["## Generations", ""]
-        for g in gens[:8]:
-            lines += [f"**{g['id']}** _{g['prompt'].strip()}_ {g['completion'].strip()}", ""]
-    path = out / "report.md"
-    tmp = path.with_name("report.md.tmp")
-    tmp.write_text("\n".join(lines), encoding="utf-8")
+        lines += _section_generations(gens, _held_out_texts(cfg))
+    lines += _section_provenance(metrics, prep)
+    md = "\n".join(lines)
+    _write(out / "report.md", md)
+    _write(out / "report.html", to_html(md, out))
+    return {"report": str(out / "report.md"), "html": str(out / "report.html")}
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
-    return {"report": str(path)}
+
+
+def to_html(md: str, img_dir: Path) -> str:
+    """A small markdown subset (headings, tables, images, bold/italic, quotes) -> one HTML file, images inlined."""
+    body, table = [], []
+
+    def inline(s: str) -> str:
+        s = html.escape(s)
+        s = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", s)
+        s = re.sub(r"(?<!\w)_(.+?)_(?!\w)", r"<i>\1</i>", s)
+        return re.sub(r"`(.+?)`", r"<code>\1</code>", s)
+
+    def flush() -> None:
+        if table:
+            rows = [r for r in table if not re.fullmatch(r"\|(---\|)+", r)]
+            cells = [[c.strip() for c in r.strip("|").split(" | ")] for r in rows]
+            head = "".join(f"<th>{inline(c)}</th>" for c in cells[0])
+            rest = "".join("<tr>" + "".join(f"<td>{inline(c)}</td>" for c in r) + "</tr>" for r in cells[1:])
+            body.append(f"<table><tr>{head}</tr>{rest}</table>")
+            table.clear()
+
+    for line in md.splitlines():
+        if line.startswith("|"):
+            table.append(line)
+            continue
+        flush()
+        m = re.fullmatch(r"!\[(.*)\]\((.+)\)", line)
+        if m:
+            data = base64.b64encode((img_dir / m.group(2)).read_bytes()).decode()
+            body.append(f'<img alt="{html.escape(m.group(1))}" src="data:image/png;base64,{data}">')
+        elif line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            body.append(f"<h{level}>{inline(line.lstrip('#').strip())}</h{level}>")
+        elif line.startswith("> "):
+            body.append(f"<blockquote>{inline(line[2:])}</blockquote>")
+        elif line.strip():
+            body.append(f"<p>{inline(line)}</p>")
+    flush()
+    style = ("body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;color:#222}"
+             "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
+             "vertical-align:top}th{background:#f3f3f3}img{max-width:100%}blockquote{color:#444;border-left:3px "
+             "solid #ccc;margin:0;padding-left:1em}code{background:#f5f5f5}")
+    return f"<!doctype html><html><head><meta charset='utf-8'><title>medgen report</title><style>{style}</style></head><body>{''.join(body)}</body></html>"

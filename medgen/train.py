@@ -218,11 +218,10 @@ def _restore_stream(ckpt: Path, dataset: PackedStream, world: int) -> None:
     dataset.load_state_dict(merged)
 
 
-def _truncate_samples(run_dir: Path, rank: int, step: int) -> None:
-    """Drop sample-log lines of steps after the checkpoint: they are trained again."""
-    path = run_dir / "samples" / f"rank-{rank:05d}.jsonl"
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log lines of steps after the checkpoint (they are trained again); step 0 = a fresh start."""
     if path.exists():
-        lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+        lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= step]
         path.write_text("".join(ln + "\n" for ln in lines))
 
 
@@ -288,7 +287,10 @@ def run(cfg: Config) -> dict[str, Any]:
     resume = _complete_checkpoints(ckpt_dir)[-1] if ckpt_dir.exists() and _complete_checkpoints(ckpt_dir) else None
     if resume:
         _restore_stream(resume, dataset, args.world_size)
-        _truncate_samples(run_dir, args.process_index, int(resume.name.split("-")[1]))
+    resumed_step = int(resume.name.split("-")[1]) if resume else 0
+    _truncate_log(run_dir / "samples" / f"rank-{args.process_index:05d}.jsonl", resumed_step)
+    if trainer.is_world_process_zero():
+        _truncate_log(run_dir / "train_log.jsonl", resumed_step)
     if trainer.is_world_process_zero():
         run_dir.mkdir(parents=True, exist_ok=True)
         for partial in ckpt_dir.glob("checkpoint-*"):  # never picked; left by a killed save
