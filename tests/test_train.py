@@ -86,6 +86,18 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, shards):
     assert max(v.abs().max().item() for k, v in _adapter(one).items() if "lora_B" in k) > 1e-4  # it trained
 
 
+def _kill9_tree(pid: int) -> None:
+    """SIGKILL a launcher and every process under it (torchrun's workers live in their own sessions)."""
+    import psutil
+
+    root = psutil.Process(pid)
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
 def _interrupt(nproc, run_dir, shards, how):
     extra = [f"train.batch_size={4 // nproc}", "train.save_steps=2" if how == "kill9" else "train.save_steps=0"]
     stop_at = random.Random(f"{nproc}{how}").randint(2, STEPS - 2)
@@ -98,7 +110,7 @@ def _interrupt(nproc, run_dir, shards, how):
             os.killpg(proc.pid, signal.SIGTERM)  # as SLURM does: every process of the job
             break
         if how == "kill9" and (ckpts / "step-4").exists():
-            os.killpg(proc.pid, signal.SIGKILL)
+            _kill9_tree(proc.pid)
             break
         time.sleep(0.05)
     err = proc.communicate(timeout=300)[1]
