@@ -122,7 +122,7 @@ class GenerateConfig:
     batch_size: int = opt(16, "Prompts per generate() call (does not change the output in float32).")
     seed: int = opt(0, "Sampling seed; each (id, sample) has its own random stream, so batching does not matter.")
     dtype: Literal["float32", "bfloat16"] = opt("float32", "Compute dtype; float32 keeps greedy output identical across batch sizes and ranks.")
-    merge_tolerance: float = opt(1e-4, "Merge the adapter into the weights if merged logits match unmerged within this (max abs); 0 = never.")
+    merge_tolerance: float = opt(1e-4, "Merge the adapter into the weights if merged logits match unmerged within this (relative); 0 = never.")
 
 
 def _check_generate(g: GenerateConfig) -> list[str]:

@@ -188,11 +188,13 @@ def provenance(cfg: Config, adapter: bool = True) -> dict[str, Any]:
 
 
 def attach_adapter(model, adapter_dir: str, tolerance: float, probe: torch.Tensor):
-    """(model, merged, max |logit difference|): the adapter merged into the weights when that is exact enough.
+    """(model, merged, relative logit difference): the adapter merged into the weights when exact enough.
 
-    Merging saves the LoRA matmuls at every step. In fp32 merged and unmerged logits agree to ~1e-6
-    (tests/test_generate.py checks <= 1e-5); the check runs on every load because a model kept in another
-    precision, or an unusual adapter, may not.
+    Merging saves the LoRA matmuls at every step. The check, max |merged - unmerged| / max |unmerged|
+    over the logits of a probe text, is relative because logits grow with the model: in fp32 it measured
+    4e-7 on tiny-gpt2 and 4e-6 on SmolLM2-135M, each with a random r=16 adapter (1.3e-4 absolute at logits
+    of ~30), the size of the noise between batch sizes. It runs on every load: cheap, and an unusual
+    adapter or a future peft may not merge as exactly.
     """
     from peft import PeftModel
 
@@ -202,11 +204,11 @@ def attach_adapter(model, adapter_dir: str, tolerance: float, probe: torch.Tenso
     with torch.no_grad():
         before = peft(probe).logits
         peft.merge_adapter()
-        diff = (peft(probe).logits - before).abs().max().item()
+        diff = ((peft(probe).logits - before).abs().max() / before.abs().max()).item()
     if diff <= tolerance:
         return peft.unload(), True, diff  # unload() drops the LoRA modules and keeps the merged weights
     peft.unmerge_adapter()
-    log.warning("adapter not merged: merged logits differ by %.2e > generate.merge_tolerance=%g", diff, tolerance)
+    log.warning("adapter not merged: merged logits differ by %.1e (relative) > generate.merge_tolerance=%g", diff, tolerance)
     return peft, False, diff
 
 
@@ -219,11 +221,13 @@ class Generator:
         self.header = header or provenance(cfg, adapter)
         self.tok = models.load_tokenizer(cfg.model.name_or_path, cfg.model.revision, padding_side="left")
         model = models.load_model(cfg.model.name_or_path, cfg.model.revision, torch.float32)
-        self.adapter_merged = False
+        self.adapter_merged, self.merge_diff = False, float("nan")
         if self.header["adapter_fingerprint"]:
             probe = self.tok(PROBE, return_tensors="pt", add_special_tokens=False)["input_ids"]
-            model, self.adapter_merged, diff = attach_adapter(model, str(Path(cfg.run.dir) / "adapter"), g.merge_tolerance, probe)
-            log.info("adapter %s (merged: %s, max |logit diff| %.1e)", self.header["adapter_fingerprint"], self.adapter_merged, diff)
+            model, self.adapter_merged, self.merge_diff = attach_adapter(
+                model, str(Path(cfg.run.dir) / "adapter"), g.merge_tolerance, probe)
+            log.info("adapter %s (merged: %s, relative logit difference %.1e)",
+                     self.header["adapter_fingerprint"], self.adapter_merged, self.merge_diff)
         elif adapter:
             log.warning("no adapter in %s/adapter: generating with the base model", cfg.run.dir)
         self.model = model.to(device=device, dtype=DTYPES[g.dtype]).eval()
