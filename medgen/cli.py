@@ -33,7 +33,9 @@ def _parser() -> argparse.ArgumentParser:
     for name, help_ in STAGE_HELP.items():
         sp = sub.add_parser(name, parents=[common], help=help_, description=help_)
         if name == "generate":
-            sp.add_argument("--prompt", help="complete this one prompt and print it (no files written)")
+            sp.add_argument("--prompt", metavar="TEXT",
+                            help="complete this one prompt and print it (no files written); '-' reads prompts "
+                                 "from stdin: a conversation on a terminal, else JSONL records on stdout")
         if name == "run":
             sp.add_argument("--executor", choices=["local", "slurm"], default="local",
                             help="local: this machine, in order; slurm: a job chain (see docs)")
@@ -99,11 +101,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "validate":
         print(config.dump_yaml(cfg), end="")
         return 0
-    if args.command == "generate" and args.prompt is not None:
-        from medgen import generate
-
-        print(generate.one(cfg, args.prompt))
-        return 0
+    if args.command == "generate" and (args.prompt is not None or cfg.generate.prompts == "-"):
+        return _generate_direct(cfg, args.prompt)
     from medgen.launch import local
 
     if args.command == "run":
@@ -119,4 +118,17 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(print_report(result))
     elif result:
         print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def _generate_direct(cfg, prompt: str | None) -> int:
+    """`--prompt TEXT` prints its completion(s); `--prompt -` or generate.prompts=- reads stdin."""
+    from medgen import generate
+
+    if prompt is None or prompt == generate.STDIN:
+        generate.from_stdin(cfg)
+        return 0
+    completions = generate.one(cfg, prompt)
+    for i, text in enumerate(completions):
+        print(f"--- sample {i}\n{text}" if len(completions) > 1 else text)
     return 0

@@ -117,15 +117,45 @@ class EvalConfig:
 
 @dataclass
 class GenerateConfig:
-    prompts: str = opt(DEMO_PROMPTS, "Prompts file: JSONL with id/prompt, or text with one prompt per line.")
-    max_new_tokens: int = opt(48, "New tokens per completion.")
+    prompts: str = opt(DEMO_PROMPTS, "Prompts: JSONL with id/prompt, or text with one prompt per line (any fsspec URL); '-' = stdin.")
+    max_new_tokens: int = opt(48, "New tokens per completion (at most).")
+    min_new_tokens: int = opt(0, "Suppress end-of-text until this many new tokens (0 = off; benchmarks force full length).")
     do_sample: bool = opt(False, "Sample (true) or greedy (false).")
     temperature: float = opt(0.8, "Sampling temperature.")
-    top_p: float = opt(0.95, "Nucleus sampling threshold.")
+    top_p: float = opt(0.95, "Nucleus sampling threshold (1.0 = off).")
     top_k: int = opt(50, "Top-k sampling (0 = off).")
     repetition_penalty: float = opt(1.0, "Repetition penalty (1.0 = off).")
-    batch_size: int = opt(16, "Prompts per generate() call.")
-    seed: int = opt(0, "Sampling seed.")
+    stop: list[str] = opt([], "Stop strings: a completion ends before the first one it contains (finish_reason stop).")
+    num_samples: int = opt(1, "Completions per prompt, one line each with its 'sample' index; > 1 needs do_sample.")
+    batch_size: int = opt(16, "Prompts per generate() call (does not change the output in float32).")
+    seed: int = opt(0, "Sampling seed; each (id, sample) has its own random stream, so batching does not matter.")
+    dtype: Literal["float32", "bfloat16"] = opt("float32", "Compute dtype; float32 keeps greedy output identical across batch sizes and ranks.")
+    merge_tolerance: float = opt(1e-4, "Merge the adapter into the weights if merged logits match unmerged within this (relative); 0 = never.")
+
+
+def _check_generate(g: GenerateConfig) -> list[str]:
+    p: list[str] = []
+    if g.prompts != "-" and _is_local(g.prompts) and not os.path.isfile(_local_path(g.prompts)):
+        p.append(f"generate.prompts: file not found: {g.prompts}")
+    if not 0 <= g.min_new_tokens <= g.max_new_tokens:
+        p.append(f"generate.min_new_tokens: must be in [0, generate.max_new_tokens] (got {g.min_new_tokens})")
+    if g.num_samples < 1:
+        p.append(f"generate.num_samples: must be > 0 (got {g.num_samples})")
+    elif g.num_samples > 1 and not g.do_sample:
+        p.append("generate.num_samples: > 1 needs generate.do_sample=true (greedy samples would all be equal)")
+    if g.do_sample and g.temperature <= 0:
+        p.append(f"generate.temperature: must be > 0 when sampling (got {g.temperature})")
+    if not 0.0 < g.top_p <= 1.0:
+        p.append(f"generate.top_p: must be in (0, 1] (got {g.top_p})")
+    if g.top_k < 0:
+        p.append(f"generate.top_k: must be >= 0 (got {g.top_k})")
+    if g.repetition_penalty <= 0:
+        p.append(f"generate.repetition_penalty: must be > 0 (got {g.repetition_penalty})")
+    if any(not s for s in g.stop):
+        p.append("generate.stop: stop strings must not be empty")
+    if g.merge_tolerance < 0:
+        p.append(f"generate.merge_tolerance: must be >= 0 (got {g.merge_tolerance})")
+    return p
 
 
 @dataclass
@@ -189,6 +219,8 @@ def load_config(path: Optional[str] = None, overrides: tuple[str, ...] | list[st
 
 
 def _parse_scalar(text: str) -> Any:
+    if text.strip() == "-":  # YAML reads a lone dash as [None]; on the command line it means stdin
+        return "-"
     try:
         return yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError:
@@ -272,8 +304,6 @@ def _check(cfg: Config) -> list[str]:
     d, t, e, g = cfg.data, cfg.train, cfg.eval, cfg.generate
     if _is_local(d.source) and not os.path.isfile(_local_path(d.source)):
         p.append(f"data.source: file not found: {d.source}")
-    if _is_local(g.prompts) and not os.path.isfile(_local_path(g.prompts)):
-        p.append(f"generate.prompts: file not found: {g.prompts}")
     if not d.text_column:
         p.append("data.text_column: must name the CSV column holding the article text")
     for name, frac in (("data.val_fraction", d.val_fraction), ("data.test_fraction", d.test_fraction)):
@@ -299,8 +329,7 @@ def _check(cfg: Config) -> list[str]:
         p.append(f"eval.stride: must be < eval.context ({e.stride} >= {e.context})")
     if not 0.0 <= cfg.lora.dropout < 1.0:
         p.append(f"lora.dropout: must be in [0, 1) (got {cfg.lora.dropout})")
-    if g.do_sample and g.temperature <= 0:
-        p.append(f"generate.temperature: must be > 0 when sampling (got {g.temperature})")
+    p += _check_generate(g)
     if not cfg.run.dir:
         p.append("run.dir: must not be empty")
     return p

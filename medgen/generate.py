@@ -1,189 +1,493 @@
-"""Stage 4, generate: batched completions for a prompts file -> JSONL with provenance on every line.
+"""Stage 4, generate: batched completions -> JSONL with provenance on every line, each (id, sample) exactly once.
 
-Each rank takes a disjoint part of the prompts and appends finished records to its own part file
-(flushed per batch; a rerun skips ids already there). Rank 0 then merges the parts, in input order,
-into ``generations/generations.jsonl`` (temp name, then rename).
+Why the output does not depend on batching or on the number of processes (docs/generate.md has the long form):
+
+- prompts are left-padded with an attention mask; transformers derives position ids from the mask and
+  masks padding out of the repetition penalty, so a padded row computes what it computes alone (fp32);
+- sampling draws from one random stream per (seed, id, sample) (``RowSampler``), never from a stream
+  shared by the batch.
+
+Exactly once: each rank appends finished records to its own part file (one write + fsync per batch) and
+skips every (id, sample) found in ANY part file, whatever world size wrote it; a torn last line is cut
+before appending. Rank 0 then copies the part lines, in input order, into ``generations.jsonl``
+(temp name, fsync, rename).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import random
+import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, TextIO
 
 import fsspec
 import torch
-from tqdm.auto import tqdm
+from transformers import GenerationConfig, LogitsProcessor, StoppingCriteria
 
 from medgen import models
-from medgen.config import Config, GenerateConfig
+from medgen.config import ASSETS, Config, GenerateConfig
 from medgen.data.read import redact
 from medgen.errors import UserError
 
 log = logging.getLogger(__name__)
 
+STDIN = "-"
+SCHEMA = ASSETS / "generation.schema.json"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# Text for the merge check: a few dozen ordinary tokens.
+PROBE = "The first thing I learned about writing on Medium is that nobody reads the second paragraph, so"
+Key = tuple[str, int]
+
+# --------------------------------------------------------------------------- prompts
+
 
 def read_prompts(url: str, storage_options: dict | None = None) -> list[dict[str, Any]]:
     """JSONL objects with ``id`` and ``prompt`` (other fields carried through), or one prompt per text line."""
     try:
-        with fsspec.open(url, "r", encoding="utf-8", **(storage_options or {})) as f:
-            lines = f.read().splitlines()
+        with fsspec.open(url, "r", encoding="utf-8", compression="infer", **(storage_options or {})) as f:
+            text = f.read()
     except FileNotFoundError:
         raise UserError(f"generate.prompts: not found: {redact(url)}") from None
-    jsonl = url.endswith((".jsonl", ".json"))
+    plain = url.removesuffix(".gz").removesuffix(".bz2").removesuffix(".zst").removesuffix(".xz")
+    return parse_prompts(text, redact(url), plain.endswith((".jsonl", ".json")))
+
+
+def looks_jsonl(text: str) -> bool:
+    """For stdin, which has no file name: JSONL when the first non-blank line is an object with a prompt."""
+    first = next((ln for ln in text.split("\n") if ln.strip()), "")
+    try:
+        rec = json.loads(first)
+    except json.JSONDecodeError:
+        return False
+    return isinstance(rec, dict) and "prompt" in rec
+
+
+def parse_prompts(text: str, source: str, jsonl: bool) -> list[dict[str, Any]]:
+    """Prompt records in input order; a text line's id is ``line-<n>`` (its 1-based line number)."""
     prompts, seen = [], set()
-    for n, line in enumerate(lines, 1):
+    # split("\n"), not splitlines(): JSON strings may hold U+2028, \x1c etc. unescaped
+    for n, line in enumerate(text.split("\n"), 1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
-        if jsonl:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"generate.prompts {redact(url)}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
-                raise UserError(f"generate.prompts {redact(url)}:{n}: needs a string field 'prompt'")
-            rec["id"] = str(rec.get("id", f"line-{n}"))
-        else:
-            rec = {"id": f"line-{n}", "prompt": line}
+        rec = _json_prompt(line, source, n) if jsonl else {"id": f"line-{n}", "prompt": line}
         if rec["id"] in seen:
-            raise UserError(f"generate.prompts {redact(url)}:{n}: duplicate id {rec['id']!r}")
+            raise UserError(f"generate.prompts {source}:{n}: duplicate id {rec['id']!r}")
         seen.add(rec["id"])
         prompts.append(rec)
     return prompts
 
 
+def _json_prompt(line: str, source: str, n: int) -> dict[str, Any]:
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise UserError(f"generate.prompts {source}:{n}: not valid JSON ({e.msg})") from None
+    if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
+        raise UserError(f"generate.prompts {source}:{n}: needs a string field 'prompt'")
+    if not rec["prompt"]:
+        raise UserError(f"generate.prompts {source}:{n}: empty prompt")
+    rec["id"] = str(rec.get("id", f"line-{n}"))
+    return rec
+
+
+def expand(prompts: list[dict[str, Any]], num_samples: int) -> list[dict[str, Any]]:
+    """One work item per (prompt, sample), in output order."""
+    return [{**p, "sample": s} for p in prompts for s in range(num_samples)]
+
+
+def key(rec: dict[str, Any]) -> Key:
+    return rec["id"], rec.get("sample", 0)
+
+
+# --------------------------------------------------------------------------- decoding
+
+
 def gen_params(g: GenerateConfig) -> dict[str, Any]:
-    p: dict[str, Any] = {"max_new_tokens": g.max_new_tokens, "do_sample": g.do_sample,
-                         "repetition_penalty": g.repetition_penalty}
+    """The settings that decide a completion (batch size does not: see the module docstring)."""
+    p: dict[str, Any] = {"max_new_tokens": g.max_new_tokens, "min_new_tokens": g.min_new_tokens,
+                         "do_sample": g.do_sample, "repetition_penalty": g.repetition_penalty,
+                         "stop": list(g.stop), "num_samples": g.num_samples, "dtype": g.dtype}
     if g.do_sample:
         p.update(temperature=g.temperature, top_p=g.top_p, top_k=g.top_k)
     return p
 
 
+def row_seed(seed: int, id_: str, sample: int) -> int:
+    """Seed of one (id, sample)'s own random stream."""
+    return int.from_bytes(hashlib.sha256(f"{seed}\0{id_}\0{sample}".encode()).digest()[:8], "big")
+
+
+class RowSampler(LogitsProcessor):
+    """Sampling with one random stream per row, so a row's tokens do not depend on its batch mates.
+
+    HF's sampling draws every row from one global generator: a prompt's sample would change with its
+    batch and rank. Here each row draws one uniform per step from its own stream and picks its token by
+    inverse CDF; the returned scores keep only that token, so HF's greedy step (do_sample=False) takes it.
+    Order as in HF: temperature, then top-k, then top-p (the smallest set of most likely tokens whose
+    probability reaches top_p), applied to the top-k candidates only (no sort of the whole vocabulary).
+    """
+
+    def __init__(self, g: GenerateConfig, seeds: list[int]):
+        self.temperature, self.top_k, self.top_p = g.temperature, g.top_k, g.top_p
+        self.rngs = [random.Random(s) for s in seeds]
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        logits = scores.double() / self.temperature  # float64: CDFs over 50k tokens without drift
+        idx = None
+        if self.top_k > 0:
+            logits, idx = logits.topk(min(self.top_k, logits.shape[-1]), dim=-1)  # sorted, most likely first
+        elif self.top_p < 1.0:
+            logits, idx = logits.sort(dim=-1, descending=True)
+        probs = torch.softmax(logits, dim=-1)
+        if self.top_p < 1.0:  # drop a token once the more likely ones already reach top_p
+            probs = probs.masked_fill(probs.cumsum(-1) - probs >= self.top_p, 0.0)
+        cdf = probs.cumsum(-1)
+        u = torch.tensor([[r.random()] for r in self.rngs], dtype=torch.float64, device=scores.device)
+        # right=True: a token of probability 0 (a flat step of the CDF) is never drawn
+        pick = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=cdf.shape[-1] - 1)
+        zero = probs.gather(1, pick) == 0  # only by rounding at the very top end
+        pick = torch.where(zero, probs.argmax(-1, keepdim=True), pick)
+        tok = idx.gather(1, pick) if idx is not None else pick
+        return torch.full_like(scores, float("-inf")).scatter_(1, tok, 0.0)
+
+
+class StopStrings(StoppingCriteria):
+    """Ends a row once its new text contains a stop string (the prompt is not searched)."""
+
+    def __init__(self, tok, stops: list[str], prompt_width: int):
+        self.tok, self.stops, self.width = tok, stops, prompt_width
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kw) -> torch.BoolTensor:
+        texts = self.tok.batch_decode(input_ids[:, self.width:], skip_special_tokens=True)
+        return torch.tensor([_first_stop(t, self.stops) >= 0 for t in texts], device=input_ids.device)
+
+
+def _first_stop(text: str, stops: list[str]) -> int:
+    """Index of the earliest stop string in text, -1 if none."""
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else -1
+
+
+def provenance(cfg: Config, adapter: bool = True) -> dict[str, Any]:
+    """The fields every line shares; computable without loading the model (the rerun check needs it)."""
+    adapter_dir = Path(cfg.run.dir) / "adapter"
+    has_adapter = adapter and (adapter_dir / "adapter_config.json").exists()
+    return {
+        "model": cfg.model.name_or_path,
+        "model_fingerprint": models.model_fingerprint(cfg.model.name_or_path),
+        "adapter_fingerprint": models.files_fingerprint(str(adapter_dir), ("*.safetensors", "adapter_config.json"))
+        if has_adapter else "",
+        "params": gen_params(cfg.generate),
+        "seed": cfg.generate.seed,
+    }
+
+
+def attach_adapter(model, adapter_dir: str, tolerance: float, probe: torch.Tensor):
+    """(model, merged, relative logit difference): the adapter merged into the weights when exact enough.
+
+    Merging saves the LoRA matmuls at every step. The check, max |merged - unmerged| / max |unmerged|
+    over the logits of a probe text, is relative because logits grow with the model: in fp32 it measured
+    4e-7 on tiny-gpt2 and 4e-6 on SmolLM2-135M, each with a random r=16 adapter (1.3e-4 absolute at logits
+    of ~30), the size of the noise between batch sizes. It runs on every load: cheap, and an unusual
+    adapter or a future peft may not merge as exactly.
+    """
+    from peft import PeftModel
+
+    peft = PeftModel.from_pretrained(model, adapter_dir).eval()
+    if tolerance <= 0:
+        return peft, False, float("nan")
+    with torch.no_grad():
+        before = peft(probe).logits
+        peft.merge_adapter()
+        diff = ((peft(probe).logits - before).abs().max() / before.abs().max()).item()
+    if diff <= tolerance:
+        return peft.unload(), True, diff  # unload() drops the LoRA modules and keeps the merged weights
+    peft.unmerge_adapter()
+    log.warning("adapter not merged: merged logits differ by %.1e (relative) > generate.merge_tolerance=%g", diff, tolerance)
+    return peft, False, diff
+
+
 class Generator:
-    """A loaded model (adapter merged) that completes batches of prompts."""
+    """A loaded model (adapter merged when exact enough) that completes batches of work items."""
 
-    def __init__(self, cfg: Config, device: torch.device, adapter: bool = True):
-        from peft import PeftModel
-
-        self.cfg = cfg
+    def __init__(self, cfg: Config, device: torch.device, header: dict[str, Any] | None = None, adapter: bool = True):
+        self.g = g = cfg.generate
         self.device = device
+        self.header = header or provenance(cfg, adapter)
         self.tok = models.load_tokenizer(cfg.model.name_or_path, cfg.model.revision, padding_side="left")
         model = models.load_model(cfg.model.name_or_path, cfg.model.revision, torch.float32)
-        adapter_dir = Path(cfg.run.dir) / "adapter"
-        self.adapter_fingerprint = ""
-        if adapter and (adapter_dir / "adapter_config.json").exists():
-            # merged for speed: in fp32 the merged model matches the adapter model to ~1e-7 (tests check it)
-            model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
-            self.adapter_fingerprint = models.files_fingerprint(str(adapter_dir), ("*.safetensors", "adapter_config.json"))
-        self.model = model.to(device).eval()
-        self.model.generation_config.pad_token_id = self.tok.pad_token_id
-        self.model_fingerprint = models.model_fingerprint(cfg.model.name_or_path)
+        self.adapter_merged, self.merge_diff = False, float("nan")
+        if self.header["adapter_fingerprint"]:
+            probe = self.tok(PROBE, return_tensors="pt", add_special_tokens=False)["input_ids"]
+            model, self.adapter_merged, self.merge_diff = attach_adapter(
+                model, str(Path(cfg.run.dir) / "adapter"), g.merge_tolerance, probe)
+            log.info("adapter %s (merged: %s, relative logit difference %.1e)",
+                     self.header["adapter_fingerprint"], self.adapter_merged, self.merge_diff)
+        elif adapter:
+            log.warning("no adapter in %s/adapter: generating with the base model", cfg.run.dir)
+        self.model = model.to(device=device, dtype=DTYPES[g.dtype]).eval()
+        self.max_positions = _max_positions(self.model.config)
+        # A fresh config: the model's generation_config.json (sampling defaults etc.) must not leak in.
+        self.gen_config = GenerationConfig(
+            max_new_tokens=g.max_new_tokens, min_new_tokens=g.min_new_tokens or None, do_sample=False, num_beams=1,
+            repetition_penalty=g.repetition_penalty, eos_token_id=self.tok.eos_token_id,
+            pad_token_id=self.tok.pad_token_id, use_cache=True,
+        )
+
+    def encode(self, items: list[dict[str, Any]]) -> list[list[int]]:
+        """Token ids of each item's prompt; a prompt that cannot fit is a user error, found before any work."""
+        ids = self.tok([it["prompt"] for it in items], add_special_tokens=False)["input_ids"]
+        for it, x in zip(items, ids):
+            if not x:
+                raise UserError(f"generate: prompt {it['id']!r} is empty after tokenization")
+            if self.max_positions and len(x) + self.g.max_new_tokens > self.max_positions:
+                raise UserError(f"generate: prompt {it['id']!r} has {len(x)} tokens; with generate.max_new_tokens="
+                                f"{self.g.max_new_tokens} that exceeds the model's {self.max_positions} positions")
+        return ids
 
     @torch.no_grad()
-    def complete(self, batch: list[dict[str, Any]], seed: int) -> list[dict[str, Any]]:
-        g = self.cfg.generate
-        enc = self.tok([r["prompt"] for r in batch], return_tensors="pt", padding=True, add_special_tokens=False)
-        enc = {k: v.to(self.device) for k, v in enc.items()}
-        torch.manual_seed(seed)
-        out = self.model.generate(**enc, **gen_params(g), eos_token_id=self.tok.eos_token_id)
-        new = out[:, enc["input_ids"].shape[1]:].tolist()
+    def complete(self, items: list[dict[str, Any]], ids: list[list[int]]) -> list[dict[str, Any]]:
+        """Records for one batch (left-padded to its longest prompt)."""
+        width, pad = max(map(len, ids)), self.tok.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=self.device)
+        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=self.device)
+        procs = [RowSampler(self.g, [row_seed(self.g.seed, *key(it)) for it in items])] if self.g.do_sample else []
+        stops = [StopStrings(self.tok, self.g.stop, width)] if self.g.stop else []
+        out = self.model.generate(input_ids=input_ids, attention_mask=mask, generation_config=self.gen_config,
+                                  logits_processor=procs, stopping_criteria=stops)
+        created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         records = []
-        for rec, ids, mask in zip(batch, new, enc["attention_mask"].tolist()):
-            eos = self.tok.eos_token_id
-            finish = "length"
-            if eos in ids:
-                ids = ids[:ids.index(eos)]
-                finish = "eos"
-            records.append({
-                **rec,
-                "completion": self.tok.decode(ids, skip_special_tokens=True),
-                "model": self.cfg.model.name_or_path,
-                "model_fingerprint": self.model_fingerprint,
-                "adapter_fingerprint": self.adapter_fingerprint,
-                "params": gen_params(g),
-                "seed": seed,
-                "prompt_tokens": int(sum(mask)),
-                "completion_tokens": len(ids),
-                "finish_reason": finish,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            })
+        for it, x, new in zip(items, ids, out[:, width:].tolist()):
+            text, n, reason = self._finish(new)
+            records.append({**it, "completion": text, "finish_reason": reason, "prompt_tokens": len(x),
+                            "completion_tokens": n, **self.header, "created": created})
         return records
 
+    def _finish(self, new: list[int]) -> tuple[str, int, str]:
+        """(completion, tokens generated for it, finish reason) from a row's new ids."""
+        eos, reason = self.tok.eos_token_id, "length"
+        if eos in new:  # everything after a row's eos is padding
+            new, reason = new[:new.index(eos)], "eos"
+        text = self.tok.decode(new, skip_special_tokens=True)
+        if self.g.stop and _first_stop(text, self.g.stop) >= 0:
+            for k in range(1, len(new) + 1):  # the token that completed the stop string ends the completion
+                text = self.tok.decode(new[:k], skip_special_tokens=True)
+                cut = _first_stop(text, self.g.stop)
+                if cut >= 0:
+                    return text[:cut], k, "stop"
+        return text, len(new), reason
 
-def _done_ids(path: Path) -> set[str]:
-    """Ids already finished in a part file; a torn last line (killed mid-write) is cut off."""
-    if not path.exists():
-        return set()
-    done, good = set(), 0
-    with open(path, "rb") as f:
-        data = f.read()
-    for line in data.splitlines(keepends=True):
-        if not line.endswith(b"\n"):
-            break
-        try:
-            done.add(json.loads(line)["id"])
-        except (json.JSONDecodeError, KeyError):
-            break
-        good += len(line)
-    if good < len(data):
-        with open(path, "r+b") as f:
-            f.truncate(good)
-    return done
+    def run(self, items: list[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
+        """Records batch by batch, longest prompts first (less padding per batch; memory errors come early)."""
+        ids = self.encode(items)
+        order = sorted(range(len(items)), key=lambda i: (-len(ids[i]), i))
+        for start in range(0, len(order), self.g.batch_size):
+            chunk = order[start:start + self.g.batch_size]
+            yield self.complete([items[i] for i in chunk], [ids[i] for i in chunk])
 
 
-def _batches(items: list[dict], size: int) -> Iterator[list[dict]]:
-    for i in range(0, len(items), size):
-        yield items[i:i + size]
+def _max_positions(config) -> int:
+    return int(getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", 0) or 0)
+
+
+# --------------------------------------------------------------------------- the job: exactly once
+
+
+def process_state():
+    """accelerate's view of this process, with torchrun's ranks honoured on machines without a GPU."""
+    from accelerate import PartialState
+
+    # Without cpu=True, accelerate ignores torchrun's RANK/WORLD_SIZE where there is no GPU: every rank
+    # would think it is alone and do all the work.
+    cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    state = PartialState(cpu=cpu)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if state.num_processes != launched:
+        raise RuntimeError(f"launched as {launched} processes but accelerate sees {state.num_processes}")
+    return state
 
 
 def run(cfg: Config) -> dict[str, Any]:
-    from accelerate import PartialState
+    from tqdm.auto import tqdm
 
-    state = PartialState()
     g = cfg.generate
-    prompts = read_prompts(g.prompts, cfg.data.storage_options)
+    if g.prompts == STDIN:
+        raise UserError("generate.prompts=- (stdin) works with `medgen generate` only")
+    state = process_state()
+    items = expand(read_prompts(g.prompts, cfg.data.storage_options), g.num_samples)
     out_dir = Path(cfg.run.dir) / "generations"
     out_dir.mkdir(parents=True, exist_ok=True)
+    header = provenance(cfg)
+    _check_job(out_dir, header)
     part = out_dir / f"part-{state.process_index:05d}-of-{state.num_processes:05d}.jsonl"
-    mine = prompts[state.process_index::state.num_processes]
-    done = _done_ids(part)
-    todo = [p for p in mine if p["id"] not in done]
-    if todo:
-        gen = Generator(cfg, state.device)
-        # sort by prompt length so each batch pads little; output order is restored at merge
-        todo.sort(key=lambda p: len(gen.tok(p["prompt"], add_special_tokens=False)["input_ids"]))
-        with open(part, "a", encoding="utf-8") as f:
-            for batch in tqdm(list(_batches(todo, g.batch_size)), desc="generate", unit=" batch", disable=None):
-                for rec in gen.complete(batch, g.seed):
-                    f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
+    _repair(part)  # only this rank appends to it: cut a torn last line before adding to it
+    done = _read_done(out_dir)
+    _check_prompts(items, done)
+    # Split by position in the full list, not in the to-do list: ranks read the parts at different
+    # moments, so their to-do lists may differ, but this split cannot.
+    mine = [it for i, it in enumerate(items) if i % state.num_processes == state.process_index and key(it) not in done]
+    log.info("generate: %d of %d items to do on rank %d (%d done before)", len(mine), len(items), state.process_index, len(done))
+    if mine:
+        gen = Generator(cfg, state.device, header)
+        fd = os.open(part, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            with tqdm(total=len(mine), desc="generate", unit=" completion", disable=None) as bar:
+                for records in gen.run(mine):
+                    _append(fd, records)
+                    bar.update(len(records))
+        finally:
+            os.close(fd)
     state.wait_for_everyone()
     if state.is_main_process:
-        _merge(out_dir, prompts, state.num_processes)
+        _merge(out_dir, items)
     state.wait_for_everyone()
-    return {"prompts": len(prompts), "path": str(out_dir / "generations.jsonl")}
+    return {"prompts": len(items) // g.num_samples, "lines": len(items), "path": str(out_dir / "generations.jsonl")}
 
 
-def _merge(out_dir: Path, prompts: list[dict], world: int) -> None:
-    by_id: dict[str, str] = {}
+def _append(fd: int, records: list[dict[str, Any]]) -> None:
+    """One write and an fsync per batch: a kill leaves whole lines plus at most one torn line."""
+    data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+    os.fsync(fd)
+
+
+def _parse_part(data: bytes) -> tuple[list[tuple[Key, str]], int]:
+    """(key, line) of every whole, valid line, and the byte length they cover; reading stops at a bad line."""
+    lines, pos = [], 0
+    while (nl := data.find(b"\n", pos)) >= 0:
+        try:
+            text = data[pos:nl].decode("utf-8")
+            rec = json.loads(text)
+            lines.append((key(rec), text))
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+            break
+        pos = nl + 1
+    return lines, pos
+
+
+def _repair(part: Path) -> None:
+    if not part.exists():
+        return
+    data = part.read_bytes()
+    _, good = _parse_part(data)
+    if good < len(data):
+        log.warning("%s: cutting %d bytes of a torn last line (killed mid-write)", part.name, len(data) - good)
+        with open(part, "r+b") as f:
+            f.truncate(good)
+            os.fsync(f.fileno())
+
+
+def _read_done(out_dir: Path) -> dict[Key, str]:
+    """Every finished line in every part file, whichever world size wrote it (first copy wins)."""
+    done: dict[Key, str] = {}
     for p in sorted(out_dir.glob("part-*.jsonl")):
-        for line in p.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                by_id.setdefault(json.loads(line)["id"], line)
-    missing = [p["id"] for p in prompts if p["id"] not in by_id]
+        for k, line in _parse_part(p.read_bytes())[0]:
+            done.setdefault(k, line)
+    return done
+
+
+def _check_prompts(items: list[dict[str, Any]], done: dict[Key, str]) -> None:
+    for it in items:
+        line = done.get(key(it))
+        if line is not None and json.loads(line)["prompt"] != it["prompt"]:
+            raise UserError(f"generate: prompt {it['id']!r} changed since its completion was written; "
+                            "give it a new id, or use another run.dir")
+
+
+def _check_job(out_dir: Path, header: dict[str, Any]) -> None:
+    """Refuse to mix completions of different models or settings in one file; record this job's settings."""
+    path = out_dir / "job.json"
+    want = {k: v for k, v in header.items()}
+    if path.exists() and list(out_dir.glob("part-*.jsonl")):
+        have = json.loads(path.read_text(encoding="utf-8"))
+        diff = [f"params.{k}" for k in sorted(set(want["params"]) | set(have.get("params", {})))
+                if want["params"].get(k) != have.get("params", {}).get(k)]
+        diff += [k for k in want if k != "params" and have.get(k) != want[k]]
+        if diff:
+            raise UserError(f"{out_dir} holds completions made with other settings ({', '.join(diff)}); "
+                            "use another run.dir, or delete that folder to start over")
+        return
+    tmp = path.with_name(f"job.json.{os.getpid()}.tmp")  # one per process: ranks may race here, harmlessly
+    tmp.write_text(json.dumps(want, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _merge(out_dir: Path, items: list[dict[str, Any]]) -> None:
+    """Copy each item's line, verbatim and in input order, into generations.jsonl (atomically)."""
+    done = _read_done(out_dir)
+    missing = [key(it) for it in items if key(it) not in done]
     if missing:
-        raise RuntimeError(f"generate: {len(missing)} prompts have no completion (first: {missing[0]})")
-    final = out_dir / "generations.jsonl"
-    tmp = out_dir / "generations.jsonl.tmp"
-    tmp.write_text("".join(by_id[p["id"]] + "\n" for p in prompts), encoding="utf-8")
+        raise RuntimeError(f"generate: {len(missing)} items have no completion (first: {missing[0]})")
+    final, tmp = out_dir / "generations.jsonl", out_dir / "generations.jsonl.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(done[key(it)] + "\n" for it in items)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, final)
+    dir_fd = os.open(out_dir, os.O_RDONLY)  # make the rename itself durable
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
-def one(cfg: Config, prompt: str) -> str:
-    """Complete a single prompt (``medgen generate --prompt``)."""
-    gen = Generator(cfg, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    return gen.complete([{"id": "prompt", "prompt": prompt}], cfg.generate.seed)[0]["completion"]
+# --------------------------------------------------------------------------- prompts from the command line
+
+
+def _single_process_device() -> torch.device:
+    state = process_state()
+    if state.num_processes > 1:
+        raise UserError("--prompt and stdin prompts run in one process: start medgen without torchrun")
+    return state.device
+
+
+def one(cfg: Config, prompt: str) -> list[str]:
+    """Completions (num_samples of them) of a single prompt (``medgen generate --prompt TEXT``)."""
+    if not prompt:
+        raise UserError("--prompt: empty prompt")
+    gen = Generator(cfg, _single_process_device())
+    items = expand([{"id": "prompt", "prompt": prompt}], cfg.generate.num_samples)
+    return [r["completion"] for batch in gen.run(items) for r in batch]
+
+
+def from_stdin(cfg: Config, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout, stderr: TextIO = sys.stderr) -> int:
+    """Prompts on stdin: a conversation on a terminal, else every line's record as JSONL on stdout."""
+    if stdin.isatty():
+        return _interactive(cfg, stdin, stdout, stderr)
+    text = stdin.read()
+    items = expand(parse_prompts(text, "<stdin>", looks_jsonl(text)), cfg.generate.num_samples)
+    if not items:
+        return 0
+    gen = Generator(cfg, _single_process_device())
+    by_key = {key(r): r for batch in gen.run(items) for r in batch}
+    for it in items:
+        stdout.write(json.dumps(by_key[key(it)], ensure_ascii=False) + "\n")
+    stdout.flush()
+    return len(items)
+
+
+def _interactive(cfg: Config, stdin: TextIO, stdout: TextIO, stderr: TextIO) -> int:
+    gen = Generator(cfg, _single_process_device())
+    # prompts and hints go to stderr (as Python's own REPL does): stdout holds only completions
+    stderr.write("medgen: type a prompt and press Enter; an empty line or Ctrl-D ends\n")
+    n = 0
+    while True:
+        stderr.write("> ")
+        stderr.flush()
+        line = stdin.readline()
+        if not line.strip():
+            return n
+        n += 1
+        items = expand([{"id": f"line-{n}", "prompt": line.rstrip("\r\n")}], cfg.generate.num_samples)
+        for batch in gen.run(items):
+            for r in batch:
+                tag = f"[{r['sample']}] " if cfg.generate.num_samples > 1 else ""
+                stdout.write(f"{tag}{r['completion']}\n")
+        stdout.flush()
