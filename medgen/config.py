@@ -113,6 +113,11 @@ class EvalConfig:
     context: int = opt(512, "Window length in tokens (capped at the model's maximum).")
     stride: int = opt(256, "Sliding-window stride (< context): each token keeps at least context-stride tokens of history.")
     dtype: Literal["float32", "bfloat16"] = opt("float32", "Compute dtype for scoring.")
+    max_articles: int = opt(0, "Score only the first N articles of the split, in manifest order (0 = all).")
+    bootstrap: int = opt(1000, "Bootstrap resamples (over articles) for the 95% intervals.")
+    seed: int = opt(0, "Bootstrap seed: the intervals are a function of the articles and this seed alone.")
+    top_tags: int = opt(10, "Per-tag perplexity for this many most frequent tags (0 = none).")
+    threads: int = opt(0, "CPU threads per process (0 = the cores this process may use / processes on the node).")
 
 
 @dataclass
@@ -319,12 +324,13 @@ def _check(cfg: Config) -> list[str]:
         "lora.r": cfg.lora.r, "train.keep_checkpoints": t.keep_checkpoints,
     }
     p += [f"{k}: must be > 0 (got {v})" for k, v in positive.items() if v <= 0]
-    if t.data_streams < 0:
-        p.append(f"train.data_streams: must be >= 0 (got {t.data_streams})")
+    non_negative = {"train.save_steps": t.save_steps, "train.data_streams": t.data_streams,
+                    "eval.max_articles": e.max_articles, "eval.top_tags": e.top_tags, "eval.threads": e.threads}
+    p += [f"{k}: must be >= 0 (got {v})" for k, v in non_negative.items() if v < 0]
     if t.deepspeed and not os.path.isfile(t.deepspeed):
         p.append(f"train.deepspeed: file not found: {t.deepspeed}")
-    if t.save_steps < 0:
-        p.append(f"train.save_steps: must be >= 0 (got {t.save_steps})")
+    if e.bootstrap < 2:
+        p.append(f"eval.bootstrap: must be >= 2 resamples (got {e.bootstrap})")
     if e.stride >= e.context:
         p.append(f"eval.stride: must be < eval.context ({e.stride} >= {e.context})")
     if not 0.0 <= cfg.lora.dropout < 1.0:

@@ -4,17 +4,20 @@ perplexity = exp(sum of token NLL / number of predicted tokens). Both sums are a
 per article, per rank, then all-reduced, so the value does not depend on batch size or world size.
 Each article is scored as ``[sep] + tokens`` (the separator that precedes every document in training);
 articles longer than ``context`` are scored with a sliding window: every token is predicted exactly
-once, with at least ``context - stride`` tokens of history.
+once, with at least ``context - stride`` tokens of history. docs/evaluate.md has the details and the
+schema of ``eval/metrics.json``.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
 import os
+import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -28,6 +31,10 @@ from medgen.errors import UserError
 
 log = logging.getLogger(__name__)
 LN2 = math.log(2.0)
+METHOD = "sliding_window"
+
+
+# --------------------------------------------------------------------------- windows and scoring
 
 
 def windows(n_tokens: int, context: int, stride: int) -> Iterator[tuple[int, int, int]]:
@@ -47,42 +54,121 @@ def windows(n_tokens: int, context: int, stride: int) -> Iterator[tuple[int, int
         prev_end = end
 
 
-@torch.no_grad()
+class Window(NamedTuple):
+    article: int  # index into the articles being scored
+    ids: list[int]  # the window's tokens
+    targets: int  # its last `targets` tokens are predicted
+
+
+def plan(articles: list[dict], sep: int, context: int, stride: int) -> list[Window]:
+    """Every window of every article, longest first.
+
+    Sorted so that a batch holds windows of similar length (little padding); the order never changes
+    a result, since each window is scored on its own and per-article sums are taken in window order.
+    """
+    work = []
+    for i, a in enumerate(articles):
+        seq = [sep] + list(a["input_ids"])
+        for begin, end, k in windows(len(seq) - 1, context, stride):
+            work.append(Window(i, seq[begin:end], k))
+    work.sort(key=lambda w: -len(w.ids))  # stable: ties keep article and window order
+    return work
+
+
+def collate(batch: list[Window], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ids, the positions whose next token is a target, and those targets (row-major).
+
+    No attention mask: with right padding a causal model never lets a real token see a pad, and the
+    pads themselves are never read, so the mask-free (faster, fused causal) attention is exact.
+    """
+    width = max(len(w.ids) for w in batch)
+    ids = torch.zeros(len(batch), width, dtype=torch.long)
+    keep = torch.zeros(len(batch), width, dtype=torch.bool)
+    for r, w in enumerate(batch):
+        n = len(w.ids)
+        ids[r, :n] = torch.tensor(w.ids)
+        keep[r, n - 1 - w.targets:n - 1] = True  # position p predicts token p + 1
+    targets = ids[:, 1:][keep[:, :-1]]
+    return ids.to(device), keep.to(device), targets.to(device)
+
+
+def accepts_logits_mask(model) -> bool:
+    """Whether the model's forward takes ``logits_to_keep`` (transformers 5 causal LMs; a 2-D boolean
+    mask applies the lm_head only at those positions, after any architecture-specific head logic)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PeftModel passes it on
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+def target_logits(model, ids: torch.Tensor, keep: torch.Tensor, use_mask: bool) -> torch.Tensor:
+    """(number of kept positions, vocab) logits; full-vocab logits are never built for other positions."""
+    if use_mask:
+        logits = model(input_ids=ids, logits_to_keep=keep, use_cache=False).logits
+        if logits.dim() == 2 and logits.shape[0] == int(keep.sum()):
+            return logits
+        raise RuntimeError(f"{type(model).__name__}: logits_to_keep with a boolean mask returned shape "
+                           f"{tuple(logits.shape)}; this transformers version slices differently")
+    return model(input_ids=ids, use_cache=False).logits[keep]
+
+
 def score(model, articles: list[dict], sep: int, context: int, stride: int, batch_size: int,
           device: torch.device, desc: str = "score") -> list[tuple[float, int]]:
     """Per-article (NLL sum in float64, predicted tokens)."""
-    work = []  # (article index, window ids, n_targets)
-    for i, a in enumerate(articles):
-        seq = [sep] + list(a["input_ids"])
-        for begin, end, k in windows(len(a["input_ids"]), context, stride):
-            work.append((i, seq[begin:end], k))
-    # longest first: batches of similar length waste less padding (order never changes a sum's terms)
-    work.sort(key=lambda w: -len(w[1]))
-    nll = [0.0] * len(articles)
-    count = [0] * len(articles)
-    for s in tqdm(range(0, len(work), batch_size), desc=desc, unit=" batch", disable=None, leave=False):
-        batch = work[s:s + batch_size]
-        width = max(len(w[1]) for w in batch)
-        ids = torch.zeros(len(batch), width, dtype=torch.long)
-        mask = torch.zeros(len(batch), width, dtype=torch.long)
-        target_mask = torch.zeros(len(batch), width, dtype=torch.bool)
-        for r, (_, seq, k) in enumerate(batch):
-            ids[r, :len(seq)] = torch.tensor(seq)
-            mask[r, :len(seq)] = 1
-            target_mask[r, len(seq) - k:len(seq)] = True
-        ids, mask, target_mask = ids.to(device), mask.to(device), target_mask.to(device)
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        # position p predicts token p+1
-        pred = logits[:, :-1].float()
-        tgt_mask = target_mask[:, 1:]
-        token_nll = F.cross_entropy(pred[tgt_mask], ids[:, 1:][tgt_mask], reduction="none").double()
-        per_row = torch.zeros(len(batch), dtype=torch.float64, device=device)
-        rows = torch.arange(len(batch), device=device).unsqueeze(1).expand_as(tgt_mask)[tgt_mask]
-        per_row.index_add_(0, rows, token_nll)
-        for r, (i, _, k) in enumerate(batch):
-            nll[i] += per_row[r].item()
-            count[i] += k
-    return list(zip(nll, count))
+    work = plan(articles, sep, context, stride)
+    window_nll = [0.0] * len(work)
+    use_mask = accepts_logits_mask(model)
+    steps = range(0, len(work), batch_size)
+    with torch.inference_mode():
+        for s in tqdm(steps, desc=desc, unit=" batch", disable=None, leave=False):
+            batch = work[s:s + batch_size]
+            ids, keep, targets = collate(batch, device)
+            logits = target_logits(model, ids, keep, use_mask)
+            token_nll = F.cross_entropy(logits.float(), targets, reduction="none").double()
+            rows = keep.nonzero()[:, 0]  # row of every kept position, in the same row-major order
+            per_row = torch.zeros(len(batch), dtype=torch.float64, device=device).index_add_(0, rows, token_nll)
+            window_nll[s:s + len(batch)] = per_row.tolist()  # one host sync per batch
+    return _per_article(work, window_nll, len(articles))
+
+
+def _per_article(work: list[Window], window_nll: list[float], n: int) -> list[tuple[float, int]]:
+    """Sum windows per article in window order (fsum: the result does not depend on batch order)."""
+    parts: list[list[float]] = [[] for _ in range(n)]
+    count = [0] * n
+    for w, v in sorted(zip(work, window_nll), key=lambda x: x[0].article):  # stable: window order kept
+        parts[w.article].append(v)
+        count[w.article] += w.targets
+    return [(math.fsum(p), c) for p, c in zip(parts, count)]
+
+
+# --------------------------------------------------------------------------- several processes
+
+
+def process_state():
+    """accelerate's PartialState, on CPU when there is no GPU or ACCELERATE_USE_CPU is set.
+
+    ``PartialState()`` alone on a CPU machine under torchrun reports ONE process per rank (every rank
+    would score everything and write the output): ask for CPU explicitly and check the world size.
+    """
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
+    state = PartialState(cpu=cpu)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if state.num_processes != launched:
+        raise UserError(f"launched as {launched} processes but accelerate sees {state.num_processes}; "
+                        "use torchrun (with ACCELERATE_USE_CPU=true on CPU)")
+    return state
+
+
+def set_threads(state, configured: int) -> int:
+    """CPU threads for this rank: eval.threads, else the cores this process may use / ranks on this node."""
+    if state.device.type != "cpu":
+        return torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", state.num_processes))
+    n = configured or max(1, cores // max(1, local))
+    torch.set_num_threads(n)
+    return n
 
 
 def _all_reduce(values: list[float], state) -> list[float]:
@@ -100,15 +186,30 @@ def _gather(obj: Any, state) -> list[Any]:
     return out
 
 
-def bootstrap(nll: np.ndarray, tok: np.ndarray, n: int = 1000, seed: int = 0) -> np.ndarray:
-    """Perplexities of ``n`` article-level bootstrap resamples."""
+# --------------------------------------------------------------------------- statistics
+
+
+def bootstrap_counts(n: int, resamples: int, seed: int) -> np.ndarray:
+    """(resamples, n) how often each article is drawn in each resample.
+
+    Drawn on one process from (n, resamples, seed) alone, over articles in manifest order, so the
+    interval does not depend on the world size; the same draws serve base and tuned (paired).
+    """
     rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(nll), size=(n, len(nll)))
-    return np.exp(nll[idx].sum(1) / tok[idx].sum(1))
+    return rng.multinomial(n, np.full(n, 1.0 / n), size=resamples).astype(np.float64)
 
 
-def summarise(nll_sum: float, tokens: int, n_bytes: int, articles: int, boot: np.ndarray | None) -> dict[str, Any]:
-    out = {
+def resampled_ppl(counts: np.ndarray, nll: np.ndarray, tok: np.ndarray) -> np.ndarray:
+    return np.exp(counts @ nll / np.maximum(counts @ tok, 1.0))
+
+
+def interval(samples: np.ndarray) -> list[float]:
+    """Percentile 95% interval."""
+    return [float(np.percentile(samples, 2.5)), float(np.percentile(samples, 97.5))]
+
+
+def summarise(nll_sum: float, tokens: int, n_bytes: int, articles: int) -> dict[str, Any]:
+    return {
         "perplexity": math.exp(nll_sum / tokens) if tokens else float("nan"),
         "nll_sum": nll_sum,
         "tokens": int(tokens),
@@ -116,101 +217,150 @@ def summarise(nll_sum: float, tokens: int, n_bytes: int, articles: int, boot: np
         "bytes": int(n_bytes),
         "bits_per_byte": nll_sum / LN2 / n_bytes if n_bytes else float("nan"),
     }
-    if boot is not None:
-        out["ci95"] = [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))]
-    return out
 
 
-def run(cfg: Config) -> dict[str, Any]:
-    from peft import PeftModel
-
-    from accelerate import PartialState
-
-    state = PartialState()
-    e = cfg.eval
-    run_dir = Path(cfg.run.dir)
-    tok = models.load_tokenizer(cfg.model.name_or_path, cfg.model.revision)
-    manifest = shards.read_manifest(cfg.shards_url, cfg.data.storage_options)
-    shards.check_tokenizer(manifest, models.tokenizer_fingerprint(tok), cfg.model.name_or_path, cfg.shards_url)
-    articles = stream.load_articles(cfg.shards_url, manifest, cfg.data.storage_options, e.split)
-    if not articles:
-        raise UserError(f"eval.split={e.split}: the prepared dataset has no articles in this split")
-    dtype = torch.float32 if e.dtype == "float32" else torch.bfloat16
-    model = models.load_model(cfg.model.name_or_path, cfg.model.revision, dtype)
-    context = min(e.context, getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", e.context))
-    stride = min(e.stride, context - 1)
-    adapter_dir = run_dir / "adapter"
-    has_adapter = (adapter_dir / "adapter_config.json").exists()
-    if has_adapter:
-        model = PeftModel.from_pretrained(model, str(adapter_dir))
-    model.to(state.device).eval()
-    mine = articles[state.process_index::state.num_processes]  # disjoint by article, no sampler padding
-    sep = tok.eos_token_id
-    results: dict[str, list[tuple[float, int]]] = {}
-    if has_adapter:
-        with model.disable_adapter():
-            results["base"] = score(model, mine, sep, context, stride, e.batch_size, state.device, "eval base")
-        results["tuned"] = score(model, mine, sep, context, stride, e.batch_size, state.device, "eval tuned")
-    else:
-        results["base"] = score(model, mine, sep, context, stride, e.batch_size, state.device, "eval base")
-    per_rank = [
-        {"id": a["id"], "tags": a["tags"], "bytes": a["n_bytes"],
-         **{f"{k}_nll": v[j][0] for k, v in results.items()}, "tokens": results["base"][j][1]}
-        for j, a in enumerate(mine)
-    ]
-    totals = {k: _all_reduce([sum(x[0] for x in v), sum(x[1] for x in v)], state) for k, v in results.items()}
-    bytes_total, n_articles = _all_reduce([sum(a["n_bytes"] for a in mine), len(mine)], state)
-    gathered = _gather(per_rank, state)
-    if not state.is_main_process:
-        state.wait_for_everyone()
-        return {}
-    # articles back in manifest order (rank r holds articles r, r+world, ...)
-    order = {a["id"]: i for i, a in enumerate(articles)}
-    rows = sorted((r for part in gathered for r in part), key=lambda r: order[r["id"]])
-    metrics = _metrics(cfg, rows, totals, bytes_total, n_articles, context, stride, has_adapter, adapter_dir,
-                       state.num_processes)
-    out = run_dir / "eval"
-    out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / "articles.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    _write_atomic(out / "metrics.json", json.dumps(metrics, indent=2))
-    state.wait_for_everyone()
-    return metrics
-
-
-def _metrics(cfg, rows, totals, bytes_total, n_articles, context, stride, has_adapter, adapter_dir, world):
-    tok = np.array([r["tokens"] for r in rows], dtype=np.float64)
-    out: dict[str, Any] = {
-        "split": cfg.eval.split, "method": "sliding_window", "context": context, "stride": stride,
-        "model": cfg.model.name_or_path, "model_fingerprint": models.model_fingerprint(cfg.model.name_or_path),
-        "adapter_fingerprint": models.files_fingerprint(str(adapter_dir), ("*.safetensors", "adapter_config.json")) if has_adapter else "",
-        "world_size": world,
-    }
-    boots = {}
-    for k, (nll_sum, tokens) in totals.items():
-        nll = np.array([r[f"{k}_nll"] for r in rows], dtype=np.float64)
-        boots[k] = bootstrap(nll, tok)
-        out[k] = summarise(nll_sum, int(round(tokens)), int(round(bytes_total)), int(round(n_articles)), boots[k])
-        out[k]["per_tag"] = _per_tag(rows, k)
-    if "tuned" in out:
-        diff = boots["tuned"] - boots["base"]  # paired: same resampled articles
-        out["delta"] = {
-            "perplexity": out["tuned"]["perplexity"] - out["base"]["perplexity"],
-            "ratio": out["tuned"]["perplexity"] / out["base"]["perplexity"],
-            "ci95": [float(np.percentile(diff, 2.5)), float(np.percentile(diff, 97.5))],
-        }
-    return out
-
-
-def _per_tag(rows: list[dict], key: str, top: int = 10) -> dict[str, dict[str, float]]:
+def per_tag(rows: list[dict], key: str, top: int) -> dict[str, dict[str, float]]:
+    """Perplexity over the articles of each of the ``top`` most frequent tags (ties: alphabetical)."""
     acc: dict[str, list[float]] = defaultdict(lambda: [0.0, 0, 0])
     for r in rows:
-        for tag in r["tags"]:
+        for tag in r["tags"] or []:
             a = acc[tag]
             a[0] += r[f"{key}_nll"]
             a[1] += r["tokens"]
             a[2] += 1
     best = sorted(acc.items(), key=lambda kv: (-kv[1][2], kv[0]))[:top]
-    return {t: {"perplexity": math.exp(v[0] / v[1]), "articles": v[2], "tokens": v[1]} for t, v in best}
+    return {t: {"perplexity": math.exp(v[0] / v[1]) if v[1] else float("nan"), "nll_sum": v[0],
+                "tokens": int(v[1]), "articles": int(v[2])} for t, v in best}
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    state = process_state()
+    e = cfg.eval
+    threads = set_threads(state, e.threads)
+    tok = models.load_tokenizer(cfg.model.name_or_path, cfg.model.revision)
+    articles = _load_split(cfg, tok)
+    model, has_adapter = _load_model(cfg, state.device)
+    context, stride = _effective_window(model, e.context, e.stride)
+    mine = articles[state.process_index::state.num_processes]  # disjoint by article, no sampler padding
+    log.info("evaluate: %d of %d %s articles on rank %d/%d, context %d, stride %d, %d threads", len(mine),
+             len(articles), e.split, state.process_index, state.num_processes, context, stride, threads)
+    results, seconds = _score_both(model, has_adapter, mine, tok.eos_token_id, context, stride, e.batch_size,
+                                   state.device)
+    totals = {k: _all_reduce([sum(x[0] for x in v), sum(x[1] for x in v)], state) for k, v in results.items()}
+    bytes_total, n_articles = _all_reduce([sum(a["n_bytes"] for a in mine), len(mine)], state)
+    gathered = _gather(_article_rows(mine, results), state)
+    if not state.is_main_process:
+        state.wait_for_everyone()
+        return {}
+    try:  # rank 0 reaches the barrier even if writing fails, so no rank hangs
+        rows = _in_manifest_order(gathered, articles)
+        info = dict(context=context, stride=stride, has_adapter=has_adapter, world=state.num_processes,
+                    seconds=seconds, threads=threads)
+        metrics = build_metrics(cfg, rows, totals, int(round(bytes_total)), int(round(n_articles)), info)
+        _write_outputs(Path(cfg.run.dir) / "eval", rows, metrics)
+    finally:
+        state.wait_for_everyone()
+    return metrics
+
+
+def _load_split(cfg: Config, tok) -> list[dict]:
+    manifest = shards.read_manifest(cfg.shards_url, cfg.data.storage_options)
+    shards.check_tokenizer(manifest, models.tokenizer_fingerprint(tok), cfg.model.name_or_path, cfg.shards_url)
+    articles = stream.load_articles(cfg.shards_url, manifest, cfg.data.storage_options, cfg.eval.split)
+    if not articles:
+        raise UserError(f"eval.split={cfg.eval.split}: the prepared dataset has no articles in this split")
+    return articles[:cfg.eval.max_articles] if cfg.eval.max_articles else articles
+
+
+def _load_model(cfg: Config, device: torch.device):
+    """The base model once, with the run's adapter on top when there is one (disabled for 'base')."""
+    from peft import PeftModel
+
+    dtype = torch.float32 if cfg.eval.dtype == "float32" else torch.bfloat16
+    model = models.load_model(cfg.model.name_or_path, cfg.model.revision, dtype)
+    adapter_dir = Path(cfg.run.dir) / "adapter"
+    has_adapter = (adapter_dir / "adapter_config.json").exists()
+    if has_adapter:
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+    return model.to(device).eval(), has_adapter
+
+
+def _effective_window(model, context: int, stride: int) -> tuple[int, int]:
+    cfg = model.config
+    limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or context
+    if context > limit:
+        log.warning("eval.context=%d is longer than the model's %d positions: using %d", context, limit, limit)
+    context = min(context, limit)
+    return context, min(stride, context - 1)
+
+
+def _score_both(model, has_adapter: bool, mine: list[dict], sep: int, context: int, stride: int,
+                batch_size: int, device: torch.device) -> tuple[dict[str, list], dict[str, float]]:
+    """Base (adapter disabled) and tuned (enabled) from the one loaded model."""
+    results, seconds = {}, {}
+    for key in ("base", "tuned") if has_adapter else ("base",):
+        t0 = time.perf_counter()
+        if key == "base" and has_adapter:
+            with model.disable_adapter():
+                results[key] = score(model, mine, sep, context, stride, batch_size, device, f"eval {key}")
+        else:
+            results[key] = score(model, mine, sep, context, stride, batch_size, device, f"eval {key}")
+        seconds[key] = time.perf_counter() - t0
+    return results, seconds
+
+
+def _article_rows(mine: list[dict], results: dict[str, list]) -> list[dict]:
+    return [{"id": a["id"], "tags": list(a["tags"] or []), "bytes": int(a["n_bytes"]),
+             "tokens": results["base"][j][1], **{f"{k}_nll": v[j][0] for k, v in results.items()}}
+            for j, a in enumerate(mine)]
+
+
+def _in_manifest_order(gathered: list[list[dict]], articles: list[dict]) -> list[dict]:
+    order = {a["id"]: i for i, a in enumerate(articles)}
+    return sorted((r for part in gathered for r in part), key=lambda r: order[r["id"]])
+
+
+def build_metrics(cfg: Config, rows: list[dict], totals: dict, n_bytes: int, n_articles: int,
+                  info: dict) -> dict[str, Any]:
+    """metrics.json (schema in docs/evaluate.md)."""
+    e = cfg.eval
+    adapter_dir = Path(cfg.run.dir) / "adapter"
+    provenance = {
+        "method": METHOD, "context": info["context"], "stride": info["stride"], "model": cfg.model.name_or_path,
+        "model_fingerprint": models.model_fingerprint(cfg.model.name_or_path),
+        "adapter_fingerprint": models.files_fingerprint(str(adapter_dir), ("*.safetensors", "adapter_config.json"))
+        if info["has_adapter"] else "",
+    }
+    out: dict[str, Any] = {"split": e.split, **provenance, "world_size": info["world"],
+                           "bootstrap": {"resamples": e.bootstrap, "seed": e.seed, "unit": "article"}}
+    tok = np.array([r["tokens"] for r in rows], dtype=np.float64)
+    counts = bootstrap_counts(len(rows), e.bootstrap, e.seed)
+    boots = {}
+    for k, (nll_sum, tokens) in totals.items():
+        boots[k] = resampled_ppl(counts, np.array([r[f"{k}_nll"] for r in rows], dtype=np.float64), tok)
+        block = summarise(nll_sum, int(round(tokens)), n_bytes, n_articles)
+        block["ci95"] = interval(boots[k])
+        block["per_tag"] = per_tag(rows, k, e.top_tags)
+        out[k] = {**block, **provenance, "adapter_fingerprint": provenance["adapter_fingerprint"] if k == "tuned" else ""}
+    if "tuned" in out:
+        out["delta"] = {
+            "perplexity": out["tuned"]["perplexity"] - out["base"]["perplexity"],
+            "ratio": out["tuned"]["perplexity"] / out["base"]["perplexity"],
+            "ci95": interval(boots["tuned"] - boots["base"]),  # paired: the same resampled articles
+            "ratio_ci95": interval(boots["tuned"] / boots["base"]),
+        }
+    out["timing"] = {"threads_per_rank": info["threads"], **{f"{k}_seconds": round(v, 3) for k, v in info["seconds"].items()},
+                     **{f"{k}_tokens_per_s": round(out[k]["tokens"] / v, 1) if v else None for k, v in info["seconds"].items()}}
+    return out
+
+
+def _write_outputs(out: Path, rows: list[dict], metrics: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    _write_atomic(out / "articles.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    _write_atomic(out / "metrics.json", json.dumps(metrics, indent=2))  # last: readers trust it
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -1,0 +1,196 @@
+"""Evaluation throughput: medgen's scorer against the loop of the Hugging Face perplexity guide.
+
+    python bench/bench_eval.py                      # smollm2-135m, 6 real articles, context 512, stride 256
+    python bench/bench_eval.py --device cuda --articles 32 --batch-size 32   # on a GPU
+
+Both sides score the same articles as ``[sep] + tokens`` with the same sliding windows, on the same
+model object, and must agree within 1e-6 relative. The baseline is the guide's loop
+(https://huggingface.co/docs/transformers/perplexity): batch 1, labels = input ids with -100 everywhere
+but the new targets, ``model(input_ids, labels=labels).loss * trg_len``. One difference, so that the two
+compute the same number: the guide starts a window every ``stride`` tokens and lets the last one run
+short; here every window ends ``stride`` tokens after the previous one and starts ``context`` tokens
+before its end (medgen's windows), so the last targets also get a full context.
+
+Articles: the test split of the real Medium sample (``../shared/data/medium/medium-articles-500.csv``,
+read at run time, never copied), prepared with ``medgen prepare`` into a temporary directory.
+Runs alternate (baseline, medgen, baseline, ...) so that load from other processes hits both alike;
+the best of ``--repeats`` is reported. Appends a section to bench/RESULTS.md unless --no-record.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CSV = ROOT.parent / "shared" / "data" / "medium" / "medium-articles-500.csv"
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(ROOT))  # this checkout's medgen, whatever the venv's editable install points at
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m", help="model.name_or_path (built-in, directory or hub id)")
+    p.add_argument("--csv", default=str(DEFAULT_CSV), help="real Medium articles CSV (Kaggle schema)")
+    p.add_argument("--articles", type=int, default=6, help="test-split articles to score (manifest order)")
+    p.add_argument("--context", type=int, default=512)
+    p.add_argument("--stride", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=8, help="medgen's windows per forward pass")
+    p.add_argument("--repeats", type=int, default=2, help="alternating runs of each side; the best is reported")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = the cores this process may use)")
+    p.add_argument("--results", default=str(ROOT / "bench" / "RESULTS.md"))
+    p.add_argument("--no-record", action="store_true", help="print only; do not append to RESULTS.md")
+    return p.parse_args(argv)
+
+
+def prepare(csv: str, model: str, workdir: Path) -> Path:
+    """``medgen prepare`` the real sample into workdir/data (the CLI, as a user runs it)."""
+    cmd = [sys.executable, "-m", "medgen", "prepare", "-q",
+           f"run.dir={workdir}", f"data.source={csv}", f"model.name_or_path={model}", "data.num_shards=1"]
+    subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    return workdir / "data"
+
+
+def load(shards_dir: Path, n: int) -> list[dict]:
+    from medgen.data import shards, stream
+
+    manifest = shards.read_manifest(str(shards_dir), {})
+    return stream.load_articles(str(shards_dir), manifest, {}, "test")[:n]
+
+
+def guide_loop(model, articles, sep, context, stride, device) -> tuple[float, int]:
+    """The HF perplexity guide's loop, batch 1, on medgen's windows (see the module docstring)."""
+    import torch
+
+    nll, count = 0.0, 0
+    for a in articles:
+        seq = torch.tensor([[sep] + list(a["input_ids"])])
+        length = seq.shape[1]
+        prev_end, end = 1, min(context, length)
+        while prev_end < length:
+            trg_len = end - prev_end
+            input_ids = seq[:, max(0, end - context):end].to(device)
+            labels = input_ids.clone()
+            labels[:, :-trg_len] = -100
+            with torch.no_grad():
+                loss = model(input_ids, labels=labels).loss
+            nll += loss.item() * trg_len
+            count += trg_len
+            prev_end, end = end, min(end + stride, length)
+    return nll, count
+
+
+def medgen_score(model, articles, sep, context, stride, batch_size, device) -> tuple[float, int]:
+    from medgen.evaluate import score
+
+    res = score(model, articles, sep, context, stride, batch_size, device, "bench")
+    return math.fsum(r[0] for r in res), sum(r[1] for r in res)
+
+
+def timed(fn, device) -> tuple[tuple[float, int], float]:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return out, time.perf_counter() - t0
+
+
+def machine(device) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        name = next(l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("Model name"))
+    except (OSError, StopIteration):
+        name = platform.processor() or "unknown CPU"
+    return f"{name}, {len(os.sched_getaffinity(0))} cores"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    from medgen import models
+
+    if not Path(args.csv).exists():
+        print(f"bench_eval: {args.csv} not found (the real Medium sample lives in ../shared/data/medium)")
+        return 2
+    device = torch.device(args.device)
+    torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
+    with tempfile.TemporaryDirectory(prefix="bench-eval-") as tmp:
+        articles = load(prepare(args.csv, args.model, Path(tmp)), args.articles)
+    tok = models.load_tokenizer(args.model)
+    model = models.load_model(args.model).to(device).eval()
+    sep, c, s = tok.eos_token_id, args.context, args.stride
+    runs = {"guide": [], "medgen": []}
+    values = {}
+    for _ in range(args.repeats):
+        values["guide"], t = timed(lambda: guide_loop(model, articles, sep, c, s, device), device)
+        runs["guide"].append(t)
+        values["medgen"], t = timed(lambda: medgen_score(model, articles, sep, c, s, args.batch_size, device), device)
+        runs["medgen"].append(t)
+    report = summarise(args, articles, values, runs, machine(device))
+    print(report)
+    if not args.no_record:
+        with open(args.results, "a") as f:
+            f.write(report + "\n")
+    return 0 if report_ok(values) else 1
+
+
+def report_ok(values) -> bool:
+    (g_nll, g_n), (m_nll, m_n) = values["guide"], values["medgen"]
+    return g_n == m_n and math.isclose(math.exp(g_nll / g_n), math.exp(m_nll / m_n), rel_tol=1e-6)
+
+
+def summarise(args, articles, values, runs, where: str) -> str:
+    tokens = values["medgen"][1]
+    ppl = {k: math.exp(v[0] / v[1]) for k, v in values.items()}
+    best = {k: min(v) for k, v in runs.items()}
+    tps = {k: tokens / best[k] for k in best}
+    rel = abs(ppl["medgen"] - ppl["guide"]) / ppl["guide"]
+    cmd = "python bench/bench_eval.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    lines = [
+        f"## bench_eval — {datetime.date.today().isoformat()}",
+        "",
+        f"- machine: {where} (device `{args.device}`, {os_threads()} torch threads)",
+        f"- command: `{cmd.strip()}`",
+        f"- model `{args.model}`, {len(articles)} test articles of `{Path(args.csv).name}`, {tokens} predicted tokens, "
+        f"context {args.context}, stride {args.stride}, medgen batch {args.batch_size}, best of {args.repeats}",
+        f"- perplexity: guide {ppl['guide']:.6f}, medgen {ppl['medgen']:.6f} (relative difference {rel:.1e}, "
+        f"{'OK' if report_ok(values) else 'MISMATCH'} at 1e-6)",
+        "",
+        "| loop | best s | tokens/s | runs (s) |",
+        "|---|---|---|---|",
+        *[f"| {k} | {best[k]:.2f} | {tps[k]:.1f} | {', '.join(f'{t:.2f}' for t in runs[k])} |" for k in runs],
+        "",
+        f"Speed-up: **{tps['medgen'] / tps['guide']:.2f}x** tokens/s.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def os_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
