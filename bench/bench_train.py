@@ -111,6 +111,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--only", choices=["both", "medgen", "trl"], default="both")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra medgen config override, e.g. train.sft_args={torch_compile: true}")
     ap.add_argument("--sample", type=Path, default=SAMPLE, help="Kaggle-schema CSV of real articles")
     args = ap.parse_args()
     os.environ["HF_HUB_OFFLINE"] = "1"
@@ -134,13 +136,13 @@ def main() -> None:
         ours = run_medgen([f"run.dir={work / 'run'}", f"data.shards={data}", f"model.name_or_path={model_dir}",
                            f"train.batch_size={args.batch}", f"train.max_length={args.max_length}",
                            f"train.precision={precision}", "train.logging_steps=1000", "lora.dropout=0.05",
-                           "train.warmup_steps=1"], args.steps)
+                           "train.warmup_steps=1", *args.set], args.steps)
     if args.only in ("both", "trl"):
         trl, bf16, ckpt = run_trl_defaults(model_dir, texts, args.steps, args.batch, args.max_length, args.device)
     res = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
            "threads": torch.get_num_threads(), "batch": args.batch, "max_length": args.max_length,
            "steps": args.steps, "medgen_precision": precision, "medgen_tokens_per_s": ours,
-           "trl_defaults_tokens_per_s": trl}
+           "trl_defaults_tokens_per_s": trl, "overrides": args.set}
     if ours and trl:
         res["speedup"] = ours / trl
     if args.device == "cuda" and ours and args.max_length == 1024:
