@@ -124,10 +124,13 @@ def bandwidth_limit(path: str, prompts: list[dict], args) -> tuple[float, str]:
     weights, kv = params * elem, 2 * n_layer * kv_dim * elem * ctx * batch
     card = _card(args.device)
     bw = args.bandwidth or HBM_BYTES_PER_S.get(card, 0.0)
-    limit = batch * bw / (weights + kv) if bw else float("nan")
-    formula = (f"tokens/s <= batch * BW / (weight bytes + KV bytes) = {batch} * {bw / 1e12:.2f}e12 / "
-               f"({params / 1e6:.1f}M*{elem} + 2*{n_layer}*{kv_dim}*{elem}*{ctx:.0f}ctx*{batch}) = "
-               f"{batch} * {bw / 1e12:.2f}e12 / ({weights / 1e9:.3f} + {kv / 1e9:.3f}) GB = {limit:,.0f}")
+    if not bw:
+        return float("nan"), (f"tokens/s <= batch * BW / (weight bytes + KV bytes per step) = {batch} * BW / "
+                              f"({weights / 1e9:.3f} + {kv / 1e9:.3f}) GB; no BW figure for this device (--bandwidth)")
+    limit = batch * bw / (weights + kv)
+    formula = (f"tokens/s <= batch * BW / (weight bytes + KV bytes per step) = {batch} * {bw / 1e12:.1f}e12 B/s / "
+               f"({params / 1e6:.1f}M params * {elem} B + 2 * {n_layer} layers * {kv_dim} * {elem} B * {ctx:.0f} ctx * "
+               f"{batch}) = {batch} * {bw / 1e12:.1f}e12 / ({weights / 1e9:.3f} + {kv / 1e9:.3f}) GB = {limit:,.0f} ({card or '--bandwidth'})")
     return limit, formula
 
 
@@ -212,8 +215,7 @@ def _append(path: Path, args, b_tokens, b_s, m_tokens, m_s, limit, formula, cmd)
         f"| `pipeline(\"text-generation\")`, one prompt per call (load untimed) | {args.baseline_prompts} | {b_tokens} | {b_s:.1f} | {b_rate:.1f} |",
         f"| `medgen generate`, batch {args.batch_size}, whole process (start-up and load timed) | {args.prompts} | {m_tokens} | {m_s:.1f} | {m_rate:.1f} |",
         "",
-        f"Speed-up **{m_rate / b_rate:.1f}x**. Memory-bandwidth limit on decode: {formula}"
-        + ("" if limit == limit else " (no bandwidth figure for this device)") + ".",
+        f"Speed-up **{m_rate / b_rate:.1f}x**. Memory-bandwidth limit on decode: {formula}.",
     ]
     with open(path, "a", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
