@@ -180,6 +180,7 @@ def main() -> None:
     args = ap.parse_args()
     args.prompts = args.prompts or (256 if args.device == "cuda" else 128)
     args.batch_size = args.batch_size or (256 if args.device == "cuda" else 64)
+    args.load_before = os.getloadavg()[0]  # the 2-core dev machines are shared: say how busy it was
     prompts = make_prompts(args.prompts)
     step = max(1, args.prompts // args.baseline_prompts)
     base_prompts = prompts[::step][:args.baseline_prompts]
@@ -203,10 +204,11 @@ def main() -> None:
 
 def _append(path: Path, args, b_tokens, b_s, m_tokens, m_s, limit, formula, cmd) -> None:
     b_rate, m_rate = b_tokens / b_s, m_tokens / m_s
-    me = "python bench/bench_generate.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    envs = " ".join(f"{k}={os.environ[k]}" for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS") if k in os.environ)
+    me = f"{envs} python bench/bench_generate.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     lines = [
         f"\n## generate: medgen vs pipeline, {args.model} on {args.device} ({dt.date.today().isoformat()})\n",
-        f"- machine: {machine(args.device)}",
+        f"- machine: {machine(args.device)}; load average {args.load_before:.1f} before, {os.getloadavg()[0]:.1f} after",
         f"- command: `{me.strip()}`; medgen ran as `{' '.join(shlex.quote(c) for c in cmd[1:])}`",
         f"- greedy, exactly {args.new_tokens} new tokens per prompt in both (min_new_tokens = max_new_tokens), {args.dtype} for medgen, float32 for the pipeline",
         "",
