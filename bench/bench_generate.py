@@ -124,10 +124,13 @@ def bandwidth_limit(path: str, prompts: list[dict], args) -> tuple[float, str]:
     weights, kv = params * elem, 2 * n_layer * kv_dim * elem * ctx * batch
     card = _card(args.device)
     bw = args.bandwidth or HBM_BYTES_PER_S.get(card, 0.0)
-    limit = batch * bw / (weights + kv) if bw else float("nan")
-    formula = (f"tokens/s <= batch * BW / (weight bytes + KV bytes) = {batch} * {bw / 1e12:.2f}e12 / "
-               f"({params / 1e6:.1f}M*{elem} + 2*{n_layer}*{kv_dim}*{elem}*{ctx:.0f}ctx*{batch}) = "
-               f"{batch} * {bw / 1e12:.2f}e12 / ({weights / 1e9:.3f} + {kv / 1e9:.3f}) GB = {limit:,.0f}")
+    if not bw:
+        return float("nan"), (f"tokens/s <= batch * BW / (weight bytes + KV bytes per step) = {batch} * BW / "
+                              f"({weights / 1e9:.3f} + {kv / 1e9:.3f}) GB; no BW figure for this device (--bandwidth)")
+    limit = batch * bw / (weights + kv)
+    formula = (f"tokens/s <= batch * BW / (weight bytes + KV bytes per step) = {batch} * {bw / 1e12:.1f}e12 B/s / "
+               f"({params / 1e6:.1f}M params * {elem} B + 2 * {n_layer} layers * {kv_dim} * {elem} B * {ctx:.0f} ctx * "
+               f"{batch}) = {batch} * {bw / 1e12:.1f}e12 / ({weights / 1e9:.3f} + {kv / 1e9:.3f}) GB = {limit:,.0f} ({card or '--bandwidth'})")
     return limit, formula
 
 
@@ -177,6 +180,7 @@ def main() -> None:
     args = ap.parse_args()
     args.prompts = args.prompts or (256 if args.device == "cuda" else 128)
     args.batch_size = args.batch_size or (256 if args.device == "cuda" else 64)
+    args.load_before = os.getloadavg()[0]  # the 2-core dev machines are shared: say how busy it was
     prompts = make_prompts(args.prompts)
     step = max(1, args.prompts // args.baseline_prompts)
     base_prompts = prompts[::step][:args.baseline_prompts]
@@ -200,10 +204,11 @@ def main() -> None:
 
 def _append(path: Path, args, b_tokens, b_s, m_tokens, m_s, limit, formula, cmd) -> None:
     b_rate, m_rate = b_tokens / b_s, m_tokens / m_s
-    me = "python bench/bench_generate.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    envs = " ".join(f"{k}={os.environ[k]}" for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS") if k in os.environ)
+    me = f"{envs} python bench/bench_generate.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     lines = [
         f"\n## generate: medgen vs pipeline, {args.model} on {args.device} ({dt.date.today().isoformat()})\n",
-        f"- machine: {machine(args.device)}",
+        f"- machine: {machine(args.device)}; load average {args.load_before:.1f} before, {os.getloadavg()[0]:.1f} after",
         f"- command: `{me.strip()}`; medgen ran as `{' '.join(shlex.quote(c) for c in cmd[1:])}`",
         f"- greedy, exactly {args.new_tokens} new tokens per prompt in both (min_new_tokens = max_new_tokens), {args.dtype} for medgen, float32 for the pipeline",
         "",
@@ -212,8 +217,7 @@ def _append(path: Path, args, b_tokens, b_s, m_tokens, m_s, limit, formula, cmd)
         f"| `pipeline(\"text-generation\")`, one prompt per call (load untimed) | {args.baseline_prompts} | {b_tokens} | {b_s:.1f} | {b_rate:.1f} |",
         f"| `medgen generate`, batch {args.batch_size}, whole process (start-up and load timed) | {args.prompts} | {m_tokens} | {m_s:.1f} | {m_rate:.1f} |",
         "",
-        f"Speed-up **{m_rate / b_rate:.1f}x**. Memory-bandwidth limit on decode: {formula}"
-        + ("" if limit == limit else " (no bandwidth figure for this device)") + ".",
+        f"Speed-up **{m_rate / b_rate:.1f}x**. Memory-bandwidth limit on decode: {formula}.",
     ]
     with open(path, "a", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")

@@ -403,8 +403,7 @@ def _check_prompts(items: list[dict[str, Any]], done: dict[Key, str]) -> None:
 
 def _check_job(out_dir: Path, header: dict[str, Any]) -> None:
     """Refuse to mix completions of different models or settings in one file; record this job's settings."""
-    path = out_dir / "job.json"
-    want = {k: v for k, v in header.items()}
+    path, want = out_dir / "job.json", header
     if path.exists() and list(out_dir.glob("part-*.jsonl")):
         have = json.loads(path.read_text(encoding="utf-8"))
         diff = [f"params.{k}" for k in sorted(set(want["params"]) | set(have.get("params", {})))
