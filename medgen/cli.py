@@ -61,7 +61,14 @@ def _setup_logging(quiet: bool, debug: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, rest = parser.parse_known_args(argv)
+    # argparse stops filling a nargs='*' positional at the first option, so overrides placed after an
+    # option (`generate --prompt X a.b=c`) come back unparsed: accept them, reject anything else
+    stray = [r for r in rest if r.startswith("-") or "=" not in r]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    args.overrides = [*getattr(args, "overrides", []), *rest]
     _setup_logging(args.quiet, args.debug)
     try:
         return _dispatch(args)
