@@ -45,6 +45,27 @@ def _prepare_report(cfg: Config) -> dict | None:
         return json.load(f)
 
 
+def _base_completions(cfg: Config, gens: list[dict], n: int = 4) -> None:
+    """Add ``base_completion`` to the first ``n`` generations: the same prompt and settings, adapter off."""
+    from medgen.generate import Generator
+
+    items = [{"id": g["id"], "prompt": g["prompt"], "sample": g.get("sample", 0)} for g in gens[:n]]
+    try:
+        gen = Generator(cfg, _device(), adapter=False)
+        done = {(r["id"], r["sample"]): r["completion"] for batch in gen.run(items) for r in batch}
+    except Exception as e:  # the report still renders without the comparison
+        log.warning("report: no base completions (%s)", e)
+        return
+    for g in gens[:n]:
+        g["base_completion"] = done.get((g["id"], g.get("sample", 0)), "")
+
+
+def _device():
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def _held_out_texts(cfg: Config, limit: int = 200) -> list[str]:
     from medgen.data.stream import load_articles
 
@@ -234,14 +255,14 @@ def _section_generations(gens: list[dict], held_out: list[str]) -> list[str]:
     has_base = any("base_completion" in g for g in gens)
     for g in gens[:6]:
         out += [f"**{g['id']}** — _{g['prompt'].strip()}_", ""]
-        if has_base:
+        if "base_completion" in g:
             out += _md_table(["base", "tuned"], [[_cell(g.get("base_completion", "")), _cell(g["completion"])]])
         else:
             out += [f"> {_cell(g['completion'])}", ""]
     tuned = text_stats([g["completion"] for g in gens])
     rows = [["tuned completions", *(_fmt(tuned.get(k)) for k in STAT_KEYS)]]
     if has_base:
-        base = text_stats([g.get("base_completion", "") for g in gens])
+        base = text_stats([g["base_completion"] for g in gens if "base_completion" in g])
         rows.insert(0, ["base completions", *(_fmt(base.get(k)) for k in STAT_KEYS)])
     if held_out and tuned:
         ref = text_stats(_snippets(held_out, max(5, int(tuned["mean_words"]))))
@@ -300,6 +321,8 @@ def run(cfg: Config) -> dict[str, Any]:
     if prep:
         lines += _section_data(prep)
     if gens:
+        if metrics and metrics.get("adapter_fingerprint"):
+            _base_completions(cfg, gens)
         lines += _section_generations(gens, _held_out_texts(cfg))
     lines += _section_provenance(metrics, prep)
     md = "\n".join(lines)
