@@ -112,8 +112,9 @@ def main(argv=None) -> int:
     t0 = time.time()
     medgen("train", common(args, run_dir) + train_overrides(args, steps), log)
     train_min = (time.time() - t0) / 60
-    medgen("evaluate", common(args, run_dir) + [f"eval.max_articles={args.eval_articles}", f"eval.context={args.context}",
-                                                f"eval.stride={args.stride}", "eval.batch_size=8"], log)
+    scoring = [f"eval.max_articles={args.eval_articles}", f"eval.context={args.context}", f"eval.stride={args.stride}",
+               "eval.batch_size=8"]
+    medgen("evaluate", common(args, run_dir) + scoring, log)
     metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
     ok = goal_met(metrics)
     report = summarise(args, metrics, log, steps, sps, train_min, (time.time() - t_start) / 60, ok)
