@@ -112,7 +112,8 @@ def test_peft_model_adapter_on_and_off_matches_plain_loop(arch):
 def test_collate_keeps_only_target_positions():
     work = plan([{"input_ids": [5, 6, 7, 8, 9]}, {"input_ids": [11]}], sep=0, context=4, stride=2)
     # article 0: [0 5 6 7] targets 5 6 7; [6 7 8 9] targets 8 9; article 1: [0 11] target 11
-    assert [(w.article, w.ids, w.targets) for w in work] == [(0, [0, 5, 6, 7], 3), (0, [6, 7, 8, 9], 2), (1, [0, 11], 1)]
+    got = [(w.article, w.ids, w.targets) for w in work]
+    assert got == [(0, [0, 5, 6, 7], 3), (0, [6, 7, 8, 9], 2), (1, [0, 11], 1)]
     ids, keep, targets = collate(work, torch.device("cpu"))
     assert targets.tolist() == [5, 6, 7, 8, 9, 11]
     assert keep.tolist() == [[True, True, True, False], [False, True, True, False], [True, False, False, False]]
