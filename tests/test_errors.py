@@ -1,0 +1,69 @@
+"""Every user mistake: one line on stderr naming the culprit, no traceback, exit code 2."""
+import os
+
+import pytest
+
+from tests.conftest import medgen
+
+TINY = ["--config", "configs/tiny.yaml"]
+
+
+def _one_line_error(proc, *needles):
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("medgen:")]
+    assert len(errors) == 1, proc.stderr[-2000:]
+    for n in needles:
+        assert n in errors[0], errors[0]
+    return errors[0]
+
+
+def test_bad_config_value(tmp_path):
+    _one_line_error(medgen("validate", *TINY, "train.max_steps=many", check=False), "train.max_steps", "integer")
+
+
+def test_missing_source_file(tmp_path):
+    _one_line_error(medgen("prepare", *TINY, f"run.dir={tmp_path}", f"data.source={tmp_path}/nope.csv", check=False),
+                    "data.source", "nope.csv")
+
+
+def test_missing_prompts_file(tmp_path):
+    _one_line_error(medgen("generate", *TINY, f"run.dir={tmp_path}", f"generate.prompts={tmp_path}/p.jsonl",
+                           check=False), "generate.prompts", "p.jsonl")
+
+
+def test_missing_shards(tmp_path):
+    _one_line_error(medgen("train", *TINY, f"run.dir={tmp_path}", check=False), "manifest.json", "medgen prepare")
+
+
+def test_unreachable_object_store(tmp_path):
+    env = {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s",
+           "AWS_MAX_ATTEMPTS": "1", "AWS_RETRY_MODE": "standard"}
+    _one_line_error(medgen("prepare", *TINY, f"run.dir={tmp_path}", "data.source=s3://nowhere/raw.csv",
+                    env=env, check=False, timeout=300), "s3://nowhere/raw.csv")
+
+
+def test_missing_credentials(tmp_path, s3_server):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_ENDPOINT_URL=s3_server["endpoint"], AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"),
+               AWS_CONFIG_FILE=str(tmp_path / "none"), AWS_EC2_METADATA_DISABLED="true")
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    proc = subprocess.run([sys.executable, "-m", "medgen", "prepare", *TINY, f"run.dir={tmp_path}",
+                           f"data.source=s3://{s3_server['bucket']}/raw.csv"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    _one_line_error(proc, f"s3://{s3_server['bucket']}/raw.csv")
+
+
+def test_incompatible_shards(tmp_path, tiny_run):
+    from medgen.models import gpt2_tokenizer
+
+    other = tmp_path / "other-tokenizer"
+    tok = gpt2_tokenizer()
+    tok.add_tokens(["<medgen-extra>"])
+    tok.save_pretrained(other)
+    _one_line_error(medgen("train", *TINY, f"run.dir={tmp_path}", f"data.shards={tiny_run / 'data'}",
+                           f"model.name_or_path={other}", check=False), "rerun `medgen prepare`")
