@@ -88,6 +88,14 @@ def _outputs(run: Path) -> set[str]:
     return {str(p.relative_to(run)) for p in run.rglob("*") if p.is_file() and not skip.match(str(p.relative_to(run)))}
 
 
+def _wait_for_progress(run: Path, steps: int = 2, timeout: float = 600) -> None:
+    """Training is past its first steps: the signal handlers are installed."""
+    progress, deadline = run / "samples" / "rank-00000.jsonl", time.time() + timeout
+    while not (progress.exists() and len(progress.read_text().splitlines()) >= steps):
+        assert time.time() < deadline, "training made no progress"
+        time.sleep(0.2)
+
+
 @pytest.fixture(scope="module")
 def pipelines(slurm_cluster, tmp_path_factory) -> dict:
     """The tiny pipeline submitted to SLURM and, while the chain runs, the same pipeline run locally."""
@@ -166,10 +174,7 @@ def test_preemption_requeues_and_resumes_to_the_uninterrupted_adapter(pipelines,
            "slurm.stages=[train]")
     info = _jobs(run)
     job_id = info["stages"]["train"]["job_id"]
-    progress, deadline = run / "samples" / "rank-00000.jsonl", time.time() + 600
-    while not (progress.exists() and len(progress.read_text().splitlines()) >= 2):  # mid-training, handlers set
-        assert time.time() < deadline, "training made no progress"
-        time.sleep(0.2)
+    _wait_for_progress(run)
     SlurmJob(folder=info["folder"], job_id=job_id, tasks=[0, 1])._interrupt()  # SIGTERM + USR2, as on preemption
 
     assert _wait(run)["train"]["State"] == "COMPLETED"
@@ -185,10 +190,30 @@ def test_preemption_requeues_and_resumes_to_the_uninterrupted_adapter(pipelines,
 
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_a_failed_stage_cancels_its_dependents_and_status_names_it(pipelines, tmp_path):
+def test_scancel_stops_training_for_good_after_a_checkpoint(pipelines, tmp_path):
+    # scancel sends SIGTERM too: train checkpoints, but requeueing then would undo the cancel
+    run = tmp_path / "cancel"
+    medgen("run", "--executor", "slurm", *COMMON, f"run.dir={run}", f"data.shards={pipelines['slurm'] / 'data'}",
+           "slurm.stages=[train]")
+    _wait_for_progress(run)
+    subprocess.run(["scancel", _jobs(run)["stages"]["train"]["job_id"]], check=True)
+    log, deadline = Path(_jobs(run)["stages"]["train"]["logs"][0]), time.time() + 120
+    while not re.search(r"so it is not requeued|Requeued job", log.read_text()):  # the job's own decision
+        assert time.time() < deadline, log.read_text()[-3000:]
+        time.sleep(0.5)
+    assert "so it is not requeued" in log.read_text()
+    assert _wait(run)["train"]["State"].startswith("CANCELLED")
+    assert [r["State"].split()[0] for r in _sacct(run, "--duplicates", fields="JobID,State")] == ["CANCELLED"]
+    assert list((run / "checkpoints").glob("step-*")), "SIGTERM should leave a checkpoint to resume from"
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_a_failed_stage_cancels_its_dependents_and_status_names_it(slurm_cluster, tmp_path):
+    # train fails early (no prepared dataset where data.shards points), after its chain was submitted
     run = tmp_path / "fail"
-    args = ["run", "--executor", "slurm", *COMMON, f"run.dir={run}", f"data.shards={pipelines['slurm'] / 'data'}",
-            "slurm.stages=[train,evaluate,generate,report]", "train.lr_scheduler=no_such_schedule"]
+    args = ["run", "--executor", "slurm", *COMMON, f"run.dir={run}", f"data.shards={tmp_path / 'no-such-dataset'}",
+            "slurm.stages=[train,evaluate,generate,report]"]
     medgen(*args)
     again = medgen(*args, check=False)  # a second chain on the same run.dir would train into the same checkpoints
     assert again.returncode == 2 and "already has a SLURM chain" in again.stderr
@@ -200,7 +225,7 @@ def test_a_failed_stage_cancels_its_dependents_and_status_names_it(pipelines, tm
     failed_log = _jobs(run)["stages"]["train"]["logs"][0]
     assert f"stage train failed (FAILED" in status.stdout and f"see {failed_log}" in status.stdout
     assert "cancelled: evaluate, generate, report" in status.stdout
-    assert "no_such_schedule" in Path(failed_log).read_text()  # the named log holds the cause
+    assert "no manifest.json at" in Path(failed_log).read_text()  # the named log holds the cause
 
 
 @pytest.mark.slurm

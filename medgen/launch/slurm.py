@@ -19,6 +19,7 @@ import os
 import re
 import secrets
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -138,7 +139,7 @@ def _checked_path(what: str, path: Path | str) -> str:
     return text
 
 
-def _sbatch_params(stage: str, cfg: Config, prof: Profile, folder: Path) -> StagePlan:
+def _sbatch_params(stage: str, cfg: Config, prof: Profile) -> StagePlan:
     s = cfg.slurm
     distributed = stage in DISTRIBUTED
     nodes = (s.nodes or prof.nodes) if distributed else 1
@@ -176,12 +177,12 @@ def plan(cfg: Config, folder: Path) -> list[StagePlan]:
     prof = load_profile(cfg.slurm.profile)
     limit_s = (cfg.slurm.timeout_min or prof.timeout_min) * 60
     if limit_s - cfg.slurm.signal_delay_s < 60:
-        # submitit measures its time limit from the job's start: a signal due at once would hit every restart
+        # the limit counts from every (re)start: USR2 due right after a start would hit every restart
         raise ConfigError([f"slurm.signal_delay_s: {cfg.slurm.signal_delay_s} s leaves under a minute of the "
                            f"{limit_s // 60}-minute time limit before USR2; lower it or raise slurm.timeout_min"])
     _checked_path("slurm.folder", folder)
     _checked_path("python", sys.executable)
-    return [_sbatch_params(stage, cfg, prof, folder) for stage in cfg.slurm.stages]
+    return [_sbatch_params(stage, cfg, prof) for stage in cfg.slurm.stages]
 
 
 def _submission_folder(cfg: Config) -> Path:
@@ -229,7 +230,11 @@ def submit(cfg: Config) -> dict[str, Any]:
     """Submit the chain; returns (and writes to jobs.json) stage -> job id and log files."""
     folder = _submission_folder(cfg)
     plans = plan(cfg, folder)
+    if not shutil.which("sbatch") or not shutil.which("srun"):
+        raise UserError("no sbatch/srun here: submit from a SLURM login node, or start the local cluster "
+                        "(slurm/cluster.sh up); --dry-run prints the scripts without SLURM")
     _refuse_active_chain(cfg.run.dir)
+    submitted = time.strftime("%Y-%m-%dT%H:%M:%S")  # before the first job: sacct -S in `medgen status`
     folder.mkdir(parents=True)
     snapshot = folder / "config.yaml"  # every stage reads the config as it was at submission
     snapshot.write_text(config.dump_yaml(cfg), encoding="utf-8")
@@ -244,7 +249,7 @@ def submit(cfg: Config) -> dict[str, Any]:
                 raise UserError(f"sbatch refused the {p.stage} stage: {str(e).strip().splitlines()[-1]}") from None
             stages[p.stage] = {"job_id": job.job_id, "name": p.params["job_name"], "tasks": p.tasks,
                                "logs": [str(folder / f"{job.job_id}_{t}_log.out") for t in range(p.tasks)]}
-    info = {"submitted": time.strftime("%Y-%m-%dT%H:%M:%S"), "run_dir": str(Path(cfg.run.dir).absolute()),
+    info = {"submitted": submitted, "run_dir": str(Path(cfg.run.dir).absolute()),
             "folder": str(folder), "config": str(snapshot), "profile": str(profile_path(cfg.slurm.profile)),
             "stages": stages}
     path = jobs_file(cfg.run.dir)
@@ -275,7 +280,7 @@ def _refuse_active_chain(run_dir: str) -> None:
     ids = {s["job_id"] for s in info["stages"].values()}
     # ids restart on a rebuilt cluster: only a job with our id AND our name is ours
     out = subprocess.run(["squeue", "-h", "-o", "%i %j", "-j", ",".join(sorted(ids))], capture_output=True, text=True)
-    names = {f"{s['job_id']} {s['name']}" for s in info["stages"].values()}
+    names = {f"{s['job_id']} {s.get('name', '')}" for s in info["stages"].values()}
     active = [ln.split()[0] for ln in out.stdout.splitlines() if ln.strip() in names]
     if active:
         raise UserError(f"{run_dir} already has a SLURM chain queued or running (jobs {', '.join(active)}): "
@@ -334,7 +339,7 @@ def _failed_log(logs: list[str]) -> str:
 
 
 def status(run_dir: str) -> tuple[str, int]:
-    """A table of the chain's stages and their states; exit code 1 when a stage failed."""
+    """A table of the chain's stages and their states; exit code 1 when a stage failed or was cancelled."""
     path = jobs_file(run_dir)
     if not path.exists():
         raise UserError(f"{path} not found: no SLURM chain was submitted for this run.dir "
@@ -392,7 +397,7 @@ class StageJob(submitit.helpers.Checkpointable):
 def _setup_task(distributed: bool) -> None:
     from medgen.cli import setup_logging
 
-    # one task per core (per GPU): torch would otherwise start a thread per core in every task
+    # torch would start a thread per core of the node in every task: use the cores SLURM gave this task
     os.environ.setdefault("OMP_NUM_THREADS", os.environ.get("SLURM_CPUS_PER_TASK", "1"))
     setup_logging(quiet=False, debug=False)
     logging.getLogger("submitit").propagate = False  # it has its own handler: don't log every line twice
@@ -419,13 +424,28 @@ def _setup_task(distributed: bool) -> None:
         raise RuntimeError(f"SLURM started {env.world_size} tasks but accelerate sees {state.num_processes}")
 
 
+def _job_state() -> str:
+    out = subprocess.run(["scontrol", "show", "job", "-o", os.environ.get("SLURM_JOB_ID", "")], capture_output=True,
+                         text=True, timeout=60)
+    m = re.search(r"\bJobState=(\S+)", out.stdout)
+    return m.group(1) if m else "UNKNOWN"
+
+
 def _hand_over_to_submitit(err: Exception) -> NoReturn:
     """train stopped on USR2/SIGTERM after a complete checkpoint and restored submitit's handlers: run
     submitit's USR2 handler now. On rank 0 it calls ``checkpoint()``, requeues the job and exits; on
     the other ranks it returns, and they wait to be killed by the requeue (exiting with an error now
-    would make srun kill rank 0 before it requeued)."""
+    would make srun kill rank 0 before it requeued).
+
+    Unless SLURM is ending the job itself: ``scancel`` also sends SIGTERM, and requeueing then would
+    undo the cancel (the checkpoint stays on disk for a later run); a preemption that SLURM requeues
+    itself needs no second requeue."""
     handler = signal.getsignal(signal.SIGUSR2)
     if not callable(handler):  # not under submitit
+        raise err
+    state = _job_state()
+    if state != "RUNNING":
+        log.warning("%s; the job is %s, so it is not requeued", err, state)
         raise err
     # a second preemption signal arriving while the handler runs would requeue twice
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2, signal.SIGTERM})
