@@ -131,15 +131,15 @@ class GenerateConfig:
 
 @dataclass
 class SlurmConfig:
-    profile: str = opt("local", "Cluster profile: a name in slurm/profiles/ (local, gpu-example) or a YAML file path.")
+    profile: str = opt("local", "Cluster profile: a name in slurm/profiles/ (local, gpu-example) or a YAML path.")
     nodes: int = opt(0, "Nodes for train, evaluate and generate (0 = the profile's).")
     timeout_min: int = opt(0, "Time limit of each stage's job in minutes (0 = the profile's).")
     signal_delay_s: int = opt(
-        90, "USR2 this many seconds before the time limit: train checkpoints and the job is requeued (< time limit - 60 s)."
+        90, "USR2 this long before the time limit: train checkpoints, the job is requeued (< time limit - 60 s)."
     )
     max_requeues: int = opt(3, "Time limits a stage may hit (each one requeues it) before it fails.")
     folder: str = opt("", "Job scripts, pickles and logs; '' = <run.dir>/slurm (a fresh subfolder per submission).")
-    stages: list[str] = opt(list(STAGES), "Stages to submit, in pipeline order; each starts once the one before succeeded.")
+    stages: list[str] = opt(list(STAGES), "Stages to submit, in pipeline order; each starts once the previous succeeded.")
 
 
 @dataclass
