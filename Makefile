@@ -12,7 +12,7 @@ TORCH_INDEX ?= $(if $(wildcard /opt/wheels),--find-links /opt/wheels,--extra-ind
 export HF_HUB_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test test-fast docs clean
+.PHONY: install demo test test-fast services services-down docs clean
 
 install: $(STAMP)
 
@@ -30,8 +30,16 @@ $(STAMP): pyproject.toml Makefile
 demo: install
 	$(VENV)/bin/medgen run --config configs/demo.yaml
 
-# The tests start what they need themselves: a moto S3 server on 127.0.0.1 (tests/conftest.py).
-test: install
+# A single-node SLURM cluster with accounting (slurm/cluster.sh; installs the Debian packages the first
+# time, as root). Exit code 3 = SLURM cannot be installed here: the SLURM tests then skip (never in CI,
+# where MEDGEN_REQUIRE_SLURM=1). The moto S3 server is started by tests/conftest.py itself.
+services:
+	slurm/cluster.sh up || [ $$? -eq 3 ]
+
+services-down:
+	slurm/cluster.sh down
+
+test: install services
 	$(VENV)/bin/pytest -q tests
 
 test-fast: install

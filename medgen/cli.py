@@ -16,10 +16,11 @@ STAGE_HELP = {
     "evaluate": "exact perplexity of base and tuned model on the test split",
     "generate": "batched generation for a prompts file -> JSONL",
     "report": "markdown report with plots from the run directory",
-    "run": "all stages in order",
+    "run": "all stages in order (--executor slurm: a SLURM job chain)",
     "validate": "check a config and print it fully resolved",
     "config": "print the configuration reference (--doc)",
 }
+STATUS_HELP = "state of each stage of a SLURM chain (sacct), the failed stage and its log"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -38,14 +39,20 @@ def _parser() -> argparse.ArgumentParser:
                                  "from stdin: a conversation on a terminal, else JSONL records on stdout")
         if name == "run":
             sp.add_argument("--executor", choices=["local", "slurm"], default="local",
-                            help="local: this machine, in order; slurm: a job chain (see docs)")
+                            help="local: this machine, in order; slurm: a job chain (see docs/slurm.md)")
+            sp.add_argument("--dry-run", action="store_true",
+                            help="with --executor slurm: print the sbatch scripts, submit nothing")
         if name == "config":
             sp.add_argument("--doc", action="store_true", help="markdown table of every key")
             sp.add_argument("--update", metavar="FILE", help="rewrite the reference between the markers in FILE")
+    sp = sub.add_parser("status", help=STATUS_HELP, description=STATUS_HELP + "; exit code 1 if one failed")
+    sp.add_argument("run_dir", metavar="RUN_DIR", help="the run.dir the chain was submitted for")
+    sp.add_argument("--quiet", "-q", action="store_true", help=argparse.SUPPRESS)
+    sp.add_argument("--debug", action="store_true", help="full tracebacks")
     return p
 
 
-def _setup_logging(quiet: bool, debug: bool) -> None:
+def setup_logging(quiet: bool, debug: bool) -> None:
     level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s medgen %(levelname)s %(message)s", datefmt="%H:%M:%S")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
@@ -69,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     args.overrides = [*getattr(args, "overrides", []), *rest]
-    _setup_logging(args.quiet, args.debug)
+    setup_logging(args.quiet, args.debug)
     try:
         return _dispatch(args)
     except ConfigError as e:
@@ -104,6 +111,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         else:
             print(config.config_doc() if args.doc else config.dump_yaml(config.Config()), end="")
         return 0
+    if args.command == "status":
+        from medgen.launch import slurm
+
+        text, code = slurm.status(args.run_dir)
+        print(text)
+        return code
     cfg = config.load_config(args.config, args.overrides)
     if args.command == "validate":
         print(config.dump_yaml(cfg), end="")
@@ -114,7 +127,9 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     if args.command == "run":
         if args.executor == "slurm":
-            raise UserError("--executor slurm is not available yet; use --executor local")
+            return _run_slurm(cfg, args.dry_run)
+        if args.dry_run:
+            raise UserError("--dry-run prints SLURM scripts: use it with --executor slurm")
         results = local.run_all(cfg)
         print(f"report: {results['report']['report']}")
         return 0
@@ -138,4 +153,15 @@ def _generate_direct(cfg, prompt: str | None) -> int:
     completions = generate.one(cfg, prompt)
     for i, text in enumerate(completions):
         print(f"--- sample {i}\n{text}" if len(completions) > 1 else text)
+    return 0
+
+
+def _run_slurm(cfg, dry_run: bool) -> int:
+    from medgen.launch import slurm
+
+    if dry_run:
+        for stage, script in slurm.scripts(cfg):
+            print(f"# ---- {stage}: sbatch script (runs jobs/{stage}.py) ----\n{script}")
+        return 0
+    print(slurm.describe(slurm.submit(cfg)))
     return 0

@@ -21,6 +21,7 @@ from medgen.errors import ConfigError
 ASSETS = resources.files("medgen") / "assets"
 DEMO_ARTICLES = str(ASSETS / "demo" / "articles.csv")
 DEMO_PROMPTS = str(ASSETS / "demo" / "prompts.jsonl")
+STAGES = ("prepare", "train", "evaluate", "generate", "report")  # pipeline order
 
 
 def opt(default: Any, help: str, **kw: Any) -> Any:
@@ -164,6 +165,19 @@ def _check_generate(g: GenerateConfig) -> list[str]:
 
 
 @dataclass
+class SlurmConfig:
+    profile: str = opt("local", "Cluster profile: a name in slurm/profiles/ (local, gpu-example) or a YAML path.")
+    nodes: int = opt(0, "Nodes for train, evaluate and generate (0 = the profile's).")
+    timeout_min: int = opt(0, "Time limit of each stage's job in minutes (0 = the profile's).")
+    signal_delay_s: int = opt(
+        90, "USR2 this long before the time limit: train checkpoints, the job is requeued (< time limit - 60 s)."
+    )
+    max_requeues: int = opt(3, "Time limits a stage may hit (each one requeues it) before it fails.")
+    folder: str = opt("", "Job scripts, pickles and logs; '' = <run.dir>/slurm (a fresh subfolder per submission).")
+    stages: list[str] = opt(list(STAGES), "Stages to submit, in pipeline order; each starts once the previous succeeded.")
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -172,6 +186,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
     @property
     def shards_url(self) -> str:
@@ -338,6 +353,19 @@ def _check(cfg: Config) -> list[str]:
     p += _check_generate(g)
     if not cfg.run.dir:
         p.append("run.dir: must not be empty")
+    return p + _check_slurm(cfg.slurm)
+
+
+def _check_slurm(s: SlurmConfig) -> list[str]:
+    """Ranges and stage names; the profile and paths are checked when a chain is built (medgen/launch/slurm.py)."""
+    p = [f"slurm.{k}: must be >= 0 (got {v})" for k, v in
+         (("nodes", s.nodes), ("timeout_min", s.timeout_min), ("signal_delay_s", s.signal_delay_s),
+          ("max_requeues", s.max_requeues)) if v < 0]
+    unknown = [x for x in s.stages if x not in STAGES]
+    if unknown:
+        p.append(f"slurm.stages: unknown stage(s) {', '.join(unknown)} (known: {', '.join(STAGES)})")
+    elif not s.stages or s.stages != sorted(set(s.stages), key=STAGES.index):
+        p.append(f"slurm.stages: must list stages once each, in pipeline order ({', '.join(STAGES)})")
     return p
 
 

@@ -81,3 +81,42 @@ def s3_server():
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+def _slurm_conf(env_sh: Path) -> str:
+    """SLURM_CONF as `source env.sh` sets it ('' before the cluster was ever brought up)."""
+    if not env_sh.exists():
+        return ""
+    out = subprocess.run(["bash", "-c", f"source {env_sh} && echo $SLURM_CONF"], capture_output=True, text=True)
+    return out.stdout.strip()
+
+
+def _sinfo_ok(conf: str) -> bool:
+    try:
+        return subprocess.run(["sinfo", "-h"], capture_output=True, timeout=30,
+                              env={**os.environ, "SLURM_CONF": conf}).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> dict:
+    """The local SLURM cluster (slurm/cluster.sh; `make test` starts it first, this starts it otherwise).
+
+    Sources its env.sh (SLURM_CONF) into os.environ, so the CLI, sbatch and the jobs all find it. Skips
+    only where SLURM cannot be installed (cluster.sh exit 3), and never in CI (CI or MEDGEN_REQUIRE_SLURM set).
+    """
+    env_sh = Path(os.environ.get("MEDGEN_INFRA", "/tmp/medgen-infra")) / "slurm" / "env.sh"
+    if not _sinfo_ok(_slurm_conf(env_sh)):
+        up = subprocess.run(["bash", str(ROOT / "slurm" / "cluster.sh"), "up"], capture_output=True, text=True,
+                            timeout=900)
+        if up.returncode == 3:
+            reason = f"SLURM cannot be installed on this machine: {up.stderr.strip()}"
+            if os.environ.get("CI") or os.environ.get("MEDGEN_REQUIRE_SLURM"):
+                pytest.fail(reason + " (CI/MEDGEN_REQUIRE_SLURM is set: the SLURM tests must run)")
+            pytest.skip(reason)
+        assert up.returncode == 0, f"slurm/cluster.sh up failed:\n{up.stdout[-3000:]}\n{up.stderr[-3000:]}"
+    conf = _slurm_conf(env_sh)
+    assert _sinfo_ok(conf), f"sinfo fails with SLURM_CONF={conf}: see the logs in {Path(conf).parent / 'log'}"
+    os.environ["SLURM_CONF"] = conf
+    return {"conf": conf}

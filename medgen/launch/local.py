@@ -5,11 +5,9 @@ import logging
 import time
 from typing import Any, Callable
 
-from medgen.config import Config
+from medgen.config import STAGES, Config
 
 log = logging.getLogger("medgen")
-
-STAGES = ("prepare", "train", "evaluate", "generate", "report")
 
 
 def stage_fn(name: str) -> Callable[[Config], Any]:

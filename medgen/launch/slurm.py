@@ -1,0 +1,456 @@
+"""The pipeline on SLURM through submitit: one job per stage, chained with ``afterok`` dependencies.
+
+- ``submit(cfg)`` (``medgen run --executor slurm``) submits the chain and returns at once; it writes
+  ``<run.dir>/slurm/jobs.json`` (stage -> job id, log files) for ``status(run_dir)`` (``medgen status``).
+- ``scripts(cfg)`` (``--dry-run``) renders the sbatch scripts without submitting anything.
+- ``StageJob`` is what every SLURM task unpickles and calls; ``jobs/<stage>.py`` subclass it.
+
+train, evaluate and generate run one SLURM task per GPU (per CPU rank with gloo when the profile has no
+GPU), on one node or several, with the torch.distributed variables exported from SLURM's: torchrun is
+never nested inside srun. Preemption and time limits reach the job as USR2: train checkpoints at the next
+step boundary, then submitit's handler requeues the job, and the rerun resumes from the checkpoint.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import re
+import secrets
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn, Sequence
+
+import submitit
+import yaml
+
+import medgen
+from medgen import config
+from medgen.config import STAGES, Config, opt
+from medgen.errors import ConfigError, UserError
+
+log = logging.getLogger("medgen")
+
+# The checkout that submits: jobs/ and slurm/profiles/ live there, and the jobs must import ITS medgen
+# (an editable install elsewhere would otherwise win), so it goes first on the jobs' PYTHONPATH.
+ROOT = Path(medgen.__file__).resolve().parents[1]
+PROFILES = ROOT / "slurm" / "profiles"
+DISTRIBUTED = ("train", "evaluate", "generate")
+REQUEUE_WAIT_S = 300  # how long non-zero ranks wait for rank 0 to requeue the job before giving up
+FAILED = {"FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
+
+# Every value that reaches an sbatch script matches one of these: no whitespace, quotes, '$' or newline
+# (an #SBATCH line is a shell comment, so a newline in a value would start a shell command).
+NAMES = re.compile(r"[A-Za-z0-9_.-]+(,[A-Za-z0-9_.-]+)*")  # partition, account, qos (lists too)
+CONSTRAINT = re.compile(r"[A-Za-z0-9_.,&|\[\]*()!:-]+")  # sbatch --constraint syntax
+PATH = re.compile(r"/[A-Za-z0-9_./+@=,:~-]*")  # no '%' either: sbatch expands %j etc. in log paths
+OPTION = re.compile(r"[a-z][a-z0-9-]*")
+VALUE = re.compile(r"[A-Za-z0-9_.,:=@/+-]+")
+# set by medgen itself (or by a profile field): an extra option would silently fight them
+MANAGED = {"job-name", "output", "error", "open-mode", "dependency", "kill-on-invalid-dep", "signal", "chdir",
+           "requeue", "array", "nodes", "ntasks-per-node", "cpus-per-task", "gpus-per-node", "mem", "time",
+           "partition", "account", "qos", "constraint", "wrap"}
+
+
+@dataclass
+class Profile:
+    """A cluster profile (slurm/profiles/*.yaml)."""
+
+    partition: str = opt("", "Partition ('' = the cluster's default).")
+    account: str = opt("", "Account to charge ('' = your default).")
+    qos: str = opt("", "Quality of service ('' = the default).")
+    gpus_per_node: int = opt(0, "GPUs per node for train/evaluate/generate, which run one task per GPU.")
+    tasks_per_node: int = opt(1, "Tasks per node for train/evaluate/generate when gpus_per_node is 0 (gloo).")
+    cpus_per_task: int = opt(1, "CPU cores per task.")
+    mem_gb: float = opt(0.0, "Memory per node in GB (0 = the cluster's default).")
+    timeout_min: int = opt(60, "Time limit of each stage's job in minutes (slurm.timeout_min overrides).")
+    constraint: str = opt("", "Node features (--constraint), e.g. h100.")
+    nodes: int = opt(1, "Nodes for train/evaluate/generate (slurm.nodes overrides).")
+    sbatch: dict[str, Any] = opt({}, "Other sbatch options, e.g. {exclusive: true, mail-type: FAIL}.")
+
+
+@dataclass
+class StagePlan:
+    stage: str
+    tasks: int  # SLURM tasks in all (nodes x tasks per node); task t logs to <folder>/<job id>_<t>_log.out
+    params: dict[str, Any]  # submitit SlurmExecutor parameters, without the dependency
+
+
+# --------------------------------------------------------------------------- profiles and plans
+
+
+def profile_path(name: str) -> Path:
+    """A bare name is a file in slurm/profiles/; anything else is a path."""
+    if re.fullmatch(r"[A-Za-z0-9_-]+", name):
+        return PROFILES / f"{name}.yaml"
+    return Path(name)
+
+
+def load_profile(name: str) -> Profile:
+    path = profile_path(name)
+    where = f"slurm.profile={name}"
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        known = ", ".join(sorted(p.stem for p in PROFILES.glob("*.yaml")))
+        raise ConfigError([f"{where}: no such profile {path} (known: {known})"]) from None
+    except yaml.YAMLError as e:
+        raise ConfigError([f"{where}: {path} is not valid YAML ({str(e).splitlines()[0]})"]) from None
+    problems: list[str] = []
+    prof = config._build(Profile, raw, f"{where}: ", problems)
+    problems += [f"{where}: {p}" for p in _check_profile(prof)]
+    if problems:
+        raise ConfigError(problems)
+    return prof
+
+
+def _check_profile(p: Profile) -> list[str]:
+    out = [f"{k}: {v!r} is not a valid name (letters, digits, _ . - and commas)"
+           for k, v in (("partition", p.partition), ("account", p.account), ("qos", p.qos))
+           if v and not NAMES.fullmatch(v)]
+    if p.constraint and not CONSTRAINT.fullmatch(p.constraint):
+        out.append(f"constraint: {p.constraint!r} has characters sbatch constraints never use")
+    out += [f"{k}: must be >= {lo} (got {v})" for k, v, lo in
+            (("gpus_per_node", p.gpus_per_node, 0), ("tasks_per_node", p.tasks_per_node, 1),
+             ("cpus_per_task", p.cpus_per_task, 1), ("timeout_min", p.timeout_min, 1), ("nodes", p.nodes, 1),
+             ("mem_gb", p.mem_gb, 0)) if v < lo]
+    for key, value in p.sbatch.items():
+        if not isinstance(key, str) or not OPTION.fullmatch(key.replace("_", "-")):
+            out.append(f"sbatch: {key!r} is not an sbatch option name")
+        elif key.replace("_", "-") in MANAGED:
+            out.append(f"sbatch: {key} is set by medgen or by a profile field; not allowed here")
+        elif not (isinstance(value, bool) or (isinstance(value, int)) or
+                  (isinstance(value, str) and VALUE.fullmatch(value))):
+            out.append(f"sbatch: {key}={value!r}: values are true/false, integers or plain words (no spaces or quotes)")
+    return out
+
+
+def _checked_path(what: str, path: Path | str) -> str:
+    text = str(path)
+    if not PATH.fullmatch(text):
+        raise UserError(f"{what} {text!r}: SLURM paths may hold only letters, digits and _ . / + @ = , : ~ -")
+    return text
+
+
+def _sbatch_params(stage: str, cfg: Config, prof: Profile) -> StagePlan:
+    s = cfg.slurm
+    distributed = stage in DISTRIBUTED
+    nodes = (s.nodes or prof.nodes) if distributed else 1
+    per_node = (prof.gpus_per_node or prof.tasks_per_node) if distributed else 1
+    params: dict[str, Any] = {
+        "job_name": "medgen-" + re.sub(r"[^A-Za-z0-9_.-]", "_", cfg.run.name) + "-" + stage,
+        "time": s.timeout_min or prof.timeout_min,
+        "nodes": nodes,
+        "ntasks_per_node": per_node,
+        "cpus_per_task": prof.cpus_per_task,
+        "signal_delay_s": s.signal_delay_s,
+        "stderr_to_stdout": True,  # one log per task
+        "setup": [f"export PYTHONPATH={shlex.quote(_checked_path('checkout', ROOT))}${{PYTHONPATH:+:$PYTHONPATH}}"],
+        # a task that dies kills its step; the others would otherwise wait in a collective until a timeout
+        "srun_args": ["--kill-on-bad-exit=1"],
+        "additional_parameters": {
+            "chdir": _checked_path("working directory", os.getcwd()),  # relative paths in the config
+            "requeue": True,
+            "kill-on-invalid-dep": "yes",  # a failed stage cancels its dependents instead of leaving them pending
+            **{k.replace("_", "-"): v for k, v in prof.sbatch.items() if v is not False},
+        },
+    }
+    for key in ("partition", "account", "qos", "constraint"):
+        if getattr(prof, key):
+            params[key] = getattr(prof, key)
+    if distributed and prof.gpus_per_node:
+        params["gpus_per_node"] = prof.gpus_per_node
+    if prof.mem_gb:
+        params["mem"] = f"{int(prof.mem_gb * 1024)}M"
+    return StagePlan(stage, nodes * per_node, params)
+
+
+def plan(cfg: Config, folder: Path) -> list[StagePlan]:
+    """Validated sbatch parameters of every stage to submit (ConfigError/UserError on any mistake)."""
+    prof = load_profile(cfg.slurm.profile)
+    limit_s = (cfg.slurm.timeout_min or prof.timeout_min) * 60
+    if limit_s - cfg.slurm.signal_delay_s < 60:
+        # the limit counts from every (re)start: USR2 due right after a start would hit every restart
+        raise ConfigError([f"slurm.signal_delay_s: {cfg.slurm.signal_delay_s} s leaves under a minute of the "
+                           f"{limit_s // 60}-minute time limit before USR2; lower it or raise slurm.timeout_min"])
+    _checked_path("slurm.folder", folder)
+    _checked_path("python", sys.executable)
+    return [_sbatch_params(stage, cfg, prof) for stage in cfg.slurm.stages]
+
+
+def _submission_folder(cfg: Config) -> Path:
+    # job ids restart at 1 on a rebuilt cluster: a fresh folder per submission keeps submitit from
+    # mistaking an old job's result file for the new one's
+    base = Path(cfg.slurm.folder or Path(cfg.run.dir) / "slurm").absolute()
+    return base / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+
+
+def jobs_file(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "slurm" / "jobs.json"
+
+
+# --------------------------------------------------------------------------- dry run and submission
+
+
+def _command(folder: Path) -> str:
+    # as submitit's SlurmExecutor writes it (built here too, so a dry run needs no srun on this machine)
+    return f"{shlex.quote(sys.executable)} -u -m submitit.core._submit {shlex.quote(str(folder))}"
+
+
+def scripts(cfg: Config) -> list[tuple[str, str]]:
+    """(stage, sbatch script) for every stage, with placeholders for the job ids not known yet."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    folder = _submission_folder(cfg)
+    out, prev = [], None
+    for p in plan(cfg, folder):
+        dep = {"dependency": f"afterok:<{prev} job id>"} if prev else {}
+        out.append((p.stage, _make_sbatch_string(command=_command(folder), folder=folder, **p.params, **dep)))
+        prev = p.stage
+    return out
+
+
+def job_callable(stage: str) -> StageJob:
+    """``jobs/<stage>.py``'s class: pickled by reference, so the jobs import it from the checkout."""
+    if not (ROOT / "jobs").is_dir():
+        raise UserError(f"the SLURM executor needs a source checkout with jobs/ (not found in {ROOT})")
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    return getattr(importlib.import_module(f"jobs.{stage}"), stage.capitalize())()
+
+
+def submit(cfg: Config) -> dict[str, Any]:
+    """Submit the chain; returns (and writes to jobs.json) stage -> job id and log files."""
+    folder = _submission_folder(cfg)
+    plans = plan(cfg, folder)
+    if not shutil.which("sbatch") or not shutil.which("srun"):
+        raise UserError("no sbatch/srun here: submit from a SLURM login node, or start the local cluster "
+                        "(slurm/cluster.sh up); --dry-run prints the scripts without SLURM")
+    _refuse_active_chain(cfg.run.dir)
+    submitted = time.strftime("%Y-%m-%dT%H:%M:%S")  # before the first job: sacct -S in `medgen status`
+    folder.mkdir(parents=True)
+    snapshot = folder / "config.yaml"  # every stage reads the config as it was at submission
+    snapshot.write_text(config.dump_yaml(cfg), encoding="utf-8")
+    stages: dict[str, Any] = {}
+    # the SLURM_*/RANK/MASTER_* variables of a job or torchrun we might run inside must not leak into the chain
+    with submitit.helpers.clean_env():
+        for p in plans:
+            try:
+                job = _submit_one(p, folder, stages, cfg.slurm.max_requeues, str(snapshot))
+            except submitit.core.utils.FailedJobError as e:
+                _cancel([s["job_id"] for s in stages.values()])
+                raise UserError(f"sbatch refused the {p.stage} stage: {str(e).strip().splitlines()[-1]}") from None
+            stages[p.stage] = {"job_id": job.job_id, "name": p.params["job_name"], "tasks": p.tasks,
+                               "logs": [str(folder / f"{job.job_id}_{t}_log.out") for t in range(p.tasks)]}
+    info = {"submitted": submitted, "run_dir": str(Path(cfg.run.dir).absolute()),
+            "folder": str(folder), "config": str(snapshot), "profile": str(profile_path(cfg.slurm.profile)),
+            "stages": stages}
+    path = jobs_file(cfg.run.dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.with_suffix(".tmp").write_text(json.dumps(info, indent=2))
+    os.replace(path.with_suffix(".tmp"), path)
+    return info
+
+
+def _submit_one(p: StagePlan, folder: Path, done: dict[str, Any], max_requeues: int, config_path: str):
+    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=max_requeues)
+    dep = {"dependency": "afterok:" + list(done.values())[-1]["job_id"]} if done else {}
+    executor.update_parameters(**p.params, **dep)
+    return executor.submit(job_callable(p.stage), config_path, [])
+
+
+def _cancel(ids: list[str]) -> None:
+    if ids:
+        subprocess.run(["scancel", *ids], check=False)
+
+
+def _refuse_active_chain(run_dir: str) -> None:
+    """Two chains on one run.dir would train into the same checkpoints."""
+    path = jobs_file(run_dir)
+    if not path.exists():
+        return
+    info = json.loads(path.read_text())
+    ids = {s["job_id"] for s in info["stages"].values()}
+    # ids restart on a rebuilt cluster: only a job with our id AND our name is ours
+    out = subprocess.run(["squeue", "-h", "-o", "%i %j", "-j", ",".join(sorted(ids))], capture_output=True, text=True)
+    names = {f"{s['job_id']} {s.get('name', '')}" for s in info["stages"].values()}
+    active = [ln.split()[0] for ln in out.stdout.splitlines() if ln.strip() in names]
+    if active:
+        raise UserError(f"{run_dir} already has a SLURM chain queued or running (jobs {', '.join(active)}): "
+                        f"wait for it (medgen status {run_dir}) or cancel it (scancel {' '.join(active)})")
+
+
+def describe(info: dict[str, Any]) -> str:
+    """What ``medgen run --executor slurm`` prints: job ids, logs, how to follow them."""
+    stages = info["stages"]
+    lines = [f"submitted {len(stages)} SLURM jobs (profile {info['profile']}), each after the one before succeeded:"]
+    for name, s in stages.items():
+        more = f" (+{s['tasks'] - 1} more: {Path(s['logs'][0]).name.replace('_0_', '_*_')})" if s["tasks"] > 1 else ""
+        lines.append(f"  {name:<9} job {s['job_id']:<8} {s['tasks']} task(s)  log {s['logs'][0]}{more}")
+    ids = ",".join(s["job_id"] for s in stages.values())
+    lines += [
+        f"follow:  tail -f {stages[next(iter(stages))]['logs'][0]}",
+        f"         squeue -j {ids}",
+        f"         medgen status {info['run_dir']}",
+        f"cancel:  scancel {ids.replace(',', ' ')}",
+        f"jobs:    {jobs_file(info['run_dir'])}",
+    ]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- status
+
+
+def _states(ids: list[str], since: str) -> dict[str, tuple[str, str, str]]:
+    """job id -> (state, exit code, elapsed) from sacct; squeue for jobs sacct has not recorded yet."""
+    out = subprocess.run(["sacct", "-X", "-n", "-P", "-S", since, "-o", "JobID,State,ExitCode,Elapsed",
+                          "-j", ",".join(ids)], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise UserError(f"sacct failed: {out.stderr.strip() or out.returncode} (is SLURM_CONF set?)")
+    states: dict[str, tuple[str, str, str]] = {}
+    for line in out.stdout.splitlines():
+        jid, state, code, elapsed = line.split("|")
+        states[jid] = (state.split()[0], code, elapsed)  # "CANCELLED by 0" -> CANCELLED
+    missing = [i for i in ids if i not in states]  # sacct lags a second or two behind sbatch
+    if missing:
+        q = subprocess.run(["squeue", "-h", "-o", "%i|%T", "-j", ",".join(missing)], capture_output=True, text=True)
+        for line in q.stdout.splitlines():
+            jid, state = line.split("|")
+            states[jid] = (state, "", "")
+    return states
+
+
+def _failed_log(logs: list[str]) -> str:
+    """The log of the task that failed: the first that holds a traceback, else task 0's."""
+    for path in logs:
+        try:
+            if "Traceback" in Path(path).read_text(errors="replace"):
+                return path
+        except OSError:
+            continue
+    return logs[0]
+
+
+def status(run_dir: str) -> tuple[str, int]:
+    """A table of the chain's stages and their states; exit code 1 when a stage failed or was cancelled."""
+    path = jobs_file(run_dir)
+    if not path.exists():
+        raise UserError(f"{path} not found: no SLURM chain was submitted for this run.dir "
+                        f"(medgen run --config C --executor slurm run.dir={run_dir})")
+    info = json.loads(path.read_text())
+    stages = info["stages"]
+    states = _states([s["job_id"] for s in stages.values()], info["submitted"])
+    lines = [f"{run_dir}: SLURM chain submitted {info['submitted']}",
+             f"  {'stage':<9} {'job':<8} {'state':<13} {'elapsed':<10} log"]
+    failed, cancelled = None, []
+    for name, s in stages.items():
+        state, code, elapsed = states.get(s["job_id"], ("UNKNOWN", "", ""))
+        lines.append(f"  {name:<9} {s['job_id']:<8} {state:<13} {elapsed or '-':<10} {s['logs'][0]}")
+        if state in FAILED and failed is None:
+            failed = (name, state, code, _failed_log(s["logs"]))
+        elif state == "CANCELLED":
+            cancelled.append(name)
+    if failed:
+        name, state, code, log_path = failed
+        lines.append(f"stage {name} failed ({state}, exit code {code}): see {log_path}")
+    if cancelled:
+        why = "their dependency failed" if failed else "scancel"
+        lines.append(f"cancelled: {', '.join(cancelled)} ({why})")
+    return "\n".join(lines), 1 if failed or cancelled else 0
+
+
+# --------------------------------------------------------------------------- inside the job
+
+
+class StageJob(submitit.helpers.Checkpointable):
+    """One stage as a submitit callable: every SLURM task of the job calls it with the same arguments."""
+
+    stage = ""
+
+    def __call__(self, config_path: str, overrides: Sequence[str] = ()) -> Any:
+        from medgen.launch import local
+
+        _setup_task(self.stage in DISTRIBUTED)
+        cfg = config.load_config(config_path, list(overrides))
+        try:
+            return local.run_stage(self.stage, cfg)
+        except Exception as e:
+            from medgen.train import Preempted
+
+            if isinstance(e, Preempted):
+                _hand_over_to_submitit(e)
+            raise
+
+    def checkpoint(self, config_path: str, overrides: Sequence[str] = ()) -> submitit.helpers.DelayedSubmission:
+        """Called by submitit on rank 0 before it requeues: the same stage with the same config. The
+        progress is on disk (train: <run.dir>/checkpoints; generate: completions done), none in this object."""
+        return submitit.helpers.DelayedSubmission(self, config_path, overrides)
+
+
+def _setup_task(distributed: bool) -> None:
+    from medgen.cli import setup_logging
+
+    # torch would start a thread per core of the node in every task: use the cores SLURM gave this task
+    os.environ.setdefault("OMP_NUM_THREADS", os.environ.get("SLURM_CPUS_PER_TASK", "1"))
+    setup_logging(quiet=False, debug=False)
+    logging.getLogger("submitit").propagate = False  # it has its own handler: don't log every line twice
+    if not distributed:
+        return
+    # SLURM started one task per rank: export RANK/WORLD_SIZE/MASTER_* from SLURM's variables (multi-node
+    # too). CUDA_VISIBLE_DEVICES stays as SLURM set it (all GPUs of the node): each rank takes cuda:LOCAL_RANK.
+    # overwrite: variables inherited from the submitting shell must not win over SLURM's.
+    env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+    log.info("rank %d of %d (local %d), master %s:%d", env.rank, env.world_size, env.local_rank,
+             env.master_addr, env.master_port)
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    from accelerate import PartialState
+
+    # Without a GPU, accelerate's PartialState() ignores RANK/WORLD_SIZE unless asked for the CPU: every
+    # rank would think it is alone and do all the work. Start the shared state here (gloo), once; the
+    # stages' own PartialState()/Trainer then join it.
+    os.environ["ACCELERATE_USE_CPU"] = "true"
+    state = PartialState(cpu=True)
+    if state.num_processes != env.world_size:
+        raise RuntimeError(f"SLURM started {env.world_size} tasks but accelerate sees {state.num_processes}")
+
+
+def _job_state() -> str:
+    out = subprocess.run(["scontrol", "show", "job", "-o", os.environ.get("SLURM_JOB_ID", "")], capture_output=True,
+                         text=True, timeout=60)
+    m = re.search(r"\bJobState=(\S+)", out.stdout)
+    return m.group(1) if m else "UNKNOWN"
+
+
+def _hand_over_to_submitit(err: Exception) -> NoReturn:
+    """train stopped on USR2/SIGTERM after a complete checkpoint and restored submitit's handlers: run
+    submitit's USR2 handler now. On rank 0 it calls ``checkpoint()``, requeues the job and exits; on
+    the other ranks it returns, and they wait to be killed by the requeue (exiting with an error now
+    would make srun kill rank 0 before it requeued).
+
+    Unless SLURM is ending the job itself: ``scancel`` also sends SIGTERM, and requeueing then would
+    undo the cancel (the checkpoint stays on disk for a later run); a preemption that SLURM requeues
+    itself needs no second requeue."""
+    handler = signal.getsignal(signal.SIGUSR2)
+    if not callable(handler):  # not under submitit
+        raise err
+    state = _job_state()
+    if state != "RUNNING":
+        log.warning("%s; the job is %s, so it is not requeued", err, state)
+        raise err
+    # a second preemption signal arriving while the handler runs would requeue twice
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2, signal.SIGTERM})
+    log.warning("%s; handing over to submitit to requeue the job", err)
+    handler(signal.SIGUSR2, None)
+    time.sleep(REQUEUE_WAIT_S)
+    raise RuntimeError(f"preempted, but rank 0 did not requeue the job within {REQUEUE_WAIT_S} s") from err
+

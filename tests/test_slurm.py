@@ -1,0 +1,325 @@
+"""The SLURM executor on a real local cluster (slurm/cluster.sh): sbatch, srun, sacct and scontrol are the
+real ones, the jobs run the real stages on tiny-gpt2. The chain against --executor local, training as 2
+SLURM tasks, preemption + requeue + exact resume, a failing stage, and what reaches an sbatch script."""
+import json
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from medgen import config
+from medgen.errors import ConfigError, UserError
+from medgen.launch import slurm
+from tests.conftest import ROOT, medgen
+
+STEPS = 12
+# Local (1 process, batch 4) and SLURM (2 tasks, batch 2) see the same global batches: data_streams=2 fixes
+# the data order whatever the process count, and dropout 0 takes the per-rank dropout RNG out. What is left
+# is the order of float sums (DDP averages two half-batch gradients): adapters agree to ~1e-7, asserted 1e-5.
+COMMON = ["--config", "configs/tiny.yaml", f"train.max_steps={STEPS}", "train.data_streams=2", "lora.dropout=0"]
+ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING", "?"}
+cluster = [pytest.mark.slurm, pytest.mark.slow]
+
+
+def _jobs(run: Path) -> dict:
+    return json.loads((run / "slurm" / "jobs.json").read_text())
+
+
+def _sacct(run: Path, *extra: str, fields: str = "JobID,State,Start,End") -> list[dict]:
+    info = _jobs(run)
+    ids = ",".join(s["job_id"] for s in info["stages"].values())
+    out = subprocess.run(["sacct", "-X", "-n", "-P", "-S", info["submitted"], "-o", fields, "-j", ids, *extra],
+                         capture_output=True, text=True, check=True).stdout
+    return [dict(zip(fields.split(","), ln.split("|"))) for ln in out.splitlines()]
+
+
+def _wait(run: Path, timeout: float = 900) -> dict[str, dict]:
+    """Stage -> its sacct record, once every stage has finished (sacct lags 1-2 s behind squeue)."""
+    stages = _jobs(run)["stages"]
+    deadline = time.time() + timeout
+    while True:
+        recs = {r["JobID"]: r for r in _sacct(run)}
+        by_stage = {k: recs.get(s["job_id"], {"State": "?"}) for k, s in stages.items()}
+        if all(r["State"].split()[0] not in ACTIVE for r in by_stage.values()):
+            return by_stage
+        if time.time() > deadline:
+            pytest.fail(f"chain not finished after {timeout} s:\n{medgen('status', str(run), check=False).stdout}")
+        time.sleep(2)
+
+
+def _adapter(run: Path) -> dict:
+    return load_file(str(run / "adapter" / "adapter_model.safetensors"))
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def _close(a, b, rel: float) -> bool:
+    """Nested metrics equal: numbers to ``rel``, everything else exactly."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_close(a[k], b[k], rel) for k in a)
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(_close(x, y, rel) for x, y in zip(a, b))
+    if isinstance(a, float):
+        return a == pytest.approx(b, rel=rel)
+    return a == b
+
+
+def _samples(run: Path) -> dict[str, list[list[str]]]:
+    out = {}
+    for f in sorted((run / "samples").glob("rank-*.jsonl")):
+        recs = [json.loads(x) for x in f.read_text().splitlines()]
+        assert [r["step"] for r in recs] == list(range(1, STEPS + 1)), f"{f}: steps missing or repeated"
+        out[f.name] = [r["samples"] for r in recs]
+    return out
+
+
+def _outputs(run: Path) -> set[str]:
+    """Every file of the output contract. Left out, as they differ by design with the process layout: the
+    per-rank sample logs and generation parts, tensorboard event files (host/pid/time in the name), and
+    SLURM's own folder."""
+    skip = re.compile(r"^(slurm/|samples/rank-|generations/part-|tensorboard/events)")
+    return {str(p.relative_to(run)) for p in run.rglob("*") if p.is_file() and not skip.match(str(p.relative_to(run)))}
+
+
+def _wait_for_progress(run: Path, steps: int = 2, timeout: float = 600) -> None:
+    """Training is past its first steps: the signal handlers are installed."""
+    progress, deadline = run / "samples" / "rank-00000.jsonl", time.time() + timeout
+    while not (progress.exists() and len(progress.read_text().splitlines()) >= steps):
+        assert time.time() < deadline, "training made no progress"
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def pipelines(slurm_cluster, tmp_path_factory) -> dict:
+    """The tiny pipeline submitted to SLURM and, while the chain runs, the same pipeline run locally."""
+    base = tmp_path_factory.mktemp("pipeline")
+    t0 = time.time()
+    submitted = medgen("run", "--executor", "slurm", *COMMON, f"run.dir={base / 'slurm'}")
+    t_submit = time.time() - t0
+    medgen("run", *COMMON, "train.batch_size=4", f"run.dir={base / 'local'}")
+    states = _wait(base / "slurm")
+    return {"slurm": base / "slurm", "local": base / "local", "stdout": submitted.stdout, "states": states,
+            "submit_s": t_submit}
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_chain_completes_in_order_with_the_outputs_of_a_local_run(pipelines):
+    run, local = pipelines["slurm"], pipelines["local"]
+    assert pipelines["submit_s"] < 30, "medgen run --executor slurm must return at once"
+    out = pipelines["stdout"]
+    for stage, s in _jobs(run)["stages"].items():
+        assert f"job {s['job_id']}" in out and s["logs"][0] in out and stage in out
+    assert "medgen status" in out and "tail -f" in out
+
+    states = pipelines["states"]
+    assert list(states) == list(config.STAGES)
+    assert {k: r["State"] for k, r in states.items()} == {k: "COMPLETED" for k in config.STAGES}
+    for before, after in zip(config.STAGES, config.STAGES[1:]):  # afterok: each starts once the previous ended
+        assert states[after]["Start"] >= states[before]["End"], (before, after, states)
+
+    assert _outputs(run) == _outputs(local)
+    assert _max_diff(_adapter(run), _adapter(local)) <= 1e-5
+    assert max(v.abs().max().item() for k, v in _adapter(run).items() if "lora_B" in k) > 1e-4  # it trained
+    for split in ("train", "validation", "test"):  # prepare is deterministic: the same shard bytes
+        for f in (local / "data" / split).glob("*.parquet"):
+            assert f.read_bytes() == (run / "data" / split / f.name).read_bytes()
+
+    m_slurm, m_local = (json.loads((r / "eval" / "metrics.json").read_text()) for r in (run, local))
+    assert (m_slurm["world_size"], m_local["world_size"]) == (2, 1)  # evaluation ran on 2 ranks too
+    assert _close(m_slurm["base"], m_local["base"], rel=1e-12)  # no adapter: only the order of sums differs
+    for key in ("tokens", "articles", "bytes"):
+        assert m_slurm["tuned"][key] == m_local["tuned"][key]
+    assert m_slurm["tuned"]["perplexity"] == pytest.approx(m_local["tuned"]["perplexity"], rel=1e-6)
+
+    g_slurm, g_local = ([json.loads(x) for x in (r / "generations" / "generations.jsonl").read_text().splitlines()]
+                        for r in (run, local))
+    strip = lambda g: [{k: v for k, v in x.items() if k not in ("created", "adapter_fingerprint")} for x in g]  # noqa
+    assert strip(g_slurm) == strip(g_local)  # greedy: adapters 1e-7 apart choose the same tokens
+    assert (run / "report" / "report.md").stat().st_size > 0
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_training_ran_as_two_slurm_tasks_on_disjoint_data(pipelines):
+    run, local = pipelines["slurm"], pipelines["local"]
+    train = _jobs(run)["stages"]["train"]
+    step = subprocess.run(["sacct", "-n", "-P", "-o", "NTasks", "-j", f"{train['job_id']}.0"],
+                          capture_output=True, text=True, check=True).stdout.split()
+    assert step == ["2"], "the training step should be one srun step of 2 tasks"
+    for rank, path in enumerate(train["logs"]):
+        assert f"rank {rank} of 2" in Path(path).read_text()
+    assert "2 processes, 2 data streams" in Path(train["logs"][0]).read_text()
+
+    s2, s1 = _samples(run), _samples(local)["rank-00000.jsonl"]
+    r0, r1 = s2["rank-00000.jsonl"], s2["rank-00001.jsonl"]
+    assert not {x for step in r0 for x in step} & {x for step in r1 for x in step}  # disjoint blocks
+    assert [sorted(a) for a in s1] == [sorted(a + b) for a, b in zip(r0, r1)]  # together: the local batches
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_preemption_requeues_and_resumes_to_the_uninterrupted_adapter(pipelines, tmp_path):
+    from submitit.slurm.slurm import SlurmJob
+
+    run, reference = tmp_path / "pre", pipelines["slurm"]
+    medgen("run", "--executor", "slurm", *COMMON, f"run.dir={run}", f"data.shards={reference / 'data'}",
+           "slurm.stages=[train]")
+    info = _jobs(run)
+    job_id = info["stages"]["train"]["job_id"]
+    _wait_for_progress(run)
+    SlurmJob(folder=info["folder"], job_id=job_id, tasks=[0, 1])._interrupt()  # SIGTERM + USR2, as on preemption
+
+    assert _wait(run)["train"]["State"] == "COMPLETED"
+    history = [r["State"] for r in _sacct(run, "--duplicates", fields="JobID,State")]
+    assert history == ["REQUEUED", "COMPLETED"], history
+    log_text = Path(info["stages"]["train"]["logs"][0]).read_text()
+    resumed = re.findall(r"resuming from \S+/step-(\d+)", log_text)
+    assert len(resumed) == 1 and 2 <= int(resumed[0]) < STEPS, "the signal should land mid-training"
+    assert "Requeued job" in log_text
+    assert _max_diff(_adapter(run), _adapter(reference)) <= 1e-6
+    assert _samples(run) == _samples(reference)  # no block trained twice or skipped
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_scancel_stops_training_for_good_after_a_checkpoint(pipelines, tmp_path):
+    # scancel sends SIGTERM too: train checkpoints, but requeueing then would undo the cancel
+    run = tmp_path / "cancel"
+    medgen("run", "--executor", "slurm", *COMMON, f"run.dir={run}", f"data.shards={pipelines['slurm'] / 'data'}",
+           "slurm.stages=[train]")
+    _wait_for_progress(run)
+    subprocess.run(["scancel", _jobs(run)["stages"]["train"]["job_id"]], check=True)
+    log, deadline = Path(_jobs(run)["stages"]["train"]["logs"][0]), time.time() + 120
+    while not re.search(r"so it is not requeued|Requeued job", log.read_text()):  # the job's own decision
+        assert time.time() < deadline, log.read_text()[-3000:]
+        time.sleep(0.5)
+    assert "so it is not requeued" in log.read_text()
+    assert _wait(run)["train"]["State"].startswith("CANCELLED")
+    assert [r["State"].split()[0] for r in _sacct(run, "--duplicates", fields="JobID,State")] == ["CANCELLED"]
+    assert list((run / "checkpoints").glob("step-*")), "SIGTERM should leave a checkpoint to resume from"
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_a_failed_stage_cancels_its_dependents_and_status_names_it(slurm_cluster, tmp_path):
+    # train fails early (no prepared dataset where data.shards points), after its chain was submitted
+    run = tmp_path / "fail"
+    args = ["run", "--executor", "slurm", *COMMON, f"run.dir={run}", f"data.shards={tmp_path / 'no-such-dataset'}",
+            "slurm.stages=[train,evaluate,generate,report]"]
+    medgen(*args)
+    again = medgen(*args, check=False)  # a second chain on the same run.dir would train into the same checkpoints
+    assert again.returncode == 2 and "already has a SLURM chain" in again.stderr
+
+    states = {k: r["State"].split()[0] for k, r in _wait(run).items()}
+    assert states == {"train": "FAILED", "evaluate": "CANCELLED", "generate": "CANCELLED", "report": "CANCELLED"}
+    status = medgen("status", str(run), check=False)
+    assert status.returncode == 1
+    failed_log = _jobs(run)["stages"]["train"]["logs"][0]
+    assert f"stage train failed (FAILED" in status.stdout and f"see {failed_log}" in status.stdout
+    assert "cancelled: evaluate, generate, report" in status.stdout
+    assert "no manifest.json at" in Path(failed_log).read_text()  # the named log holds the cause
+
+
+@pytest.mark.slurm
+def test_sbatch_refusal_is_one_line_and_leaves_nothing_queued(slurm_cluster, tmp_path):
+    profile = tmp_path / "p.yaml"
+    profile.write_text(yaml.safe_dump({"partition": "nosuchpartition", "tasks_per_node": 2}))
+    before = subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout
+    proc = medgen("run", "--executor", "slurm", *COMMON, f"run.dir={tmp_path / 'r'}", f"slurm.profile={profile}",
+                  check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "sbatch refused the prepare stage" in proc.stderr and "partition" in proc.stderr
+    assert subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout == before
+
+
+# --------------------------------------------------------------------------- no cluster needed
+
+
+def test_dry_run_prints_the_sbatch_scripts_and_submits_nothing(tmp_path):
+    run = tmp_path / "dry"
+    proc = medgen("run", "--executor", "slurm", "--dry-run", *COMMON, f"run.dir={run}")
+    scripts = proc.stdout.split("#!/bin/bash")[1:]
+    assert len(scripts) == len(config.STAGES)
+    by_stage = dict(zip(config.STAGES, scripts))
+    assert "--dependency" not in by_stage["prepare"]
+    assert "#SBATCH --dependency='afterok:<prepare job id>'" in by_stage["train"]
+    for stage, text in by_stage.items():
+        tasks = 2 if stage in slurm.DISTRIBUTED else 1
+        assert f"#SBATCH --ntasks-per-node={tasks}" in text, stage
+        for line in ("#SBATCH --kill-on-invalid-dep=yes", "#SBATCH --requeue", "#SBATCH --signal=USR2@90",
+                     "#SBATCH --partition=debug", f"export PYTHONPATH={ROOT}", "--kill-on-bad-exit=1"):
+            assert line in text, (stage, line)
+        assert "torchrun" not in text
+    assert not run.exists(), "a dry run writes nothing"
+
+
+def _profile(tmp_path: Path, **fields) -> str:
+    path = tmp_path / "profile.yaml"
+    path.write_text(yaml.safe_dump({"partition": "debug", **fields}))
+    return str(path)
+
+
+def test_every_value_that_reaches_sbatch_is_validated(tmp_path):
+    bad = _profile(tmp_path, partition="debug\nrm -rf ~", account="a b", qos="$(id)", constraint="h100;reboot",
+                   nodes=0, sbatch={"wrap": "id", "mail-user": "x y", "Bad Key": 1, "comment": "a\nb"})
+    with pytest.raises(ConfigError) as e:
+        slurm.plan(config.load_config(None, [f"slurm.profile={bad}"]), tmp_path)
+    text = "\n".join(e.value.problems)
+    for culprit in ("partition:", "account:", "qos:", "constraint:", "nodes:", "sbatch: wrap", "sbatch: mail-user",
+                    "'Bad Key'", "sbatch: comment"):
+        assert culprit in text, culprit
+    assert len(e.value.problems) == 9
+    for path in (tmp_path / "a b", tmp_path / "x$(id)", tmp_path / "50%"):  # paths go into #SBATCH lines too
+        with pytest.raises(UserError, match="SLURM paths may hold only"):
+            slurm.plan(config.load_config(None, [f"run.dir={path}"]), path / "slurm")
+    # the job name comes from run.name: made safe rather than refused
+    cfg = config.load_config("configs/tiny.yaml", ["run.name=my run;$(id)"])
+    assert slurm.plan(cfg, tmp_path)[0].params["job_name"] == "medgen-my_run___id_-prepare"
+
+
+def test_cli_reports_profile_mistakes_one_line_each(tmp_path):
+    bad = _profile(tmp_path, partition="a'b", timeout_min="soon")
+    proc = medgen("run", "--config", "configs/tiny.yaml", "--executor", "slurm", "--dry-run",
+                  f"slurm.profile={bad}", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 2 and any("partition" in x for x in lines) and any("timeout_min" in x for x in lines)
+    missing = medgen("run", "--executor", "slurm", "--dry-run", "slurm.profile=nope", check=False)
+    assert missing.returncode == 2 and "known: gpu-example, local" in missing.stderr
+
+
+def test_slurm_config_is_checked():
+    with pytest.raises(ConfigError) as e:
+        config.load_config(None, ["slurm.stages=[train,prepare]", "slurm.nodes=-1"])
+    text = "\n".join(e.value.problems)
+    assert "slurm.stages: must list stages once each, in pipeline order" in text and "slurm.nodes" in text
+    with pytest.raises(ConfigError, match="unknown stage"):
+        config.load_config(None, ["slurm.stages=[train,bake]"])
+    # a signal due within a minute of the start would hit every restart at once (submitit gives up)
+    with pytest.raises(ConfigError, match="signal_delay_s"):
+        slurm.plan(config.load_config(None, ["slurm.timeout_min=2", "slurm.signal_delay_s=75"]), Path("/tmp/x"))
+    assert slurm.plan(config.load_config(None, ["slurm.timeout_min=3", "slurm.signal_delay_s=75"]), Path("/tmp/x"))
+
+
+def test_gpu_profile_runs_one_task_per_gpu_on_every_node(tmp_path):
+    cfg = config.load_config("configs/tiny.yaml", ["slurm.profile=gpu-example", "slurm.nodes=4"])
+    plans = {p.stage: p for p in slurm.plan(cfg, tmp_path)}
+    train = plans["train"].params
+    assert (train["nodes"], train["ntasks_per_node"], train["gpus_per_node"], plans["train"].tasks) == (4, 8, 8, 32)
+    assert train["additional_parameters"]["exclusive"] is True and train["account"] == "my-project"
+    prepare = plans["prepare"].params
+    assert (prepare["nodes"], prepare["ntasks_per_node"], plans["prepare"].tasks) == (1, 1, 1)
+    assert "gpus_per_node" not in prepare
+
+
+def test_status_without_a_chain_is_a_user_error(tmp_path):
+    proc = medgen("status", str(tmp_path), check=False)
+    assert proc.returncode == 2 and "no SLURM chain was submitted" in proc.stderr
