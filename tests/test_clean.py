@@ -126,3 +126,24 @@ def test_cleaner_does_not_damage_code_or_numbers_on_real_articles(medium_sample)
         nfkc = clean_text(text, [])
         credit_lines = set(nfkc.splitlines()) - set(clean_text(text, ["image_credits"]).splitlines())
         assert all(len(line) <= 120 for line in credit_lines), credit_lines
+
+
+def _doc_examples():
+    import re
+
+    from tests.conftest import ROOT
+
+    doc = (ROOT / "docs" / "data.md").read_text(encoding="utf-8")
+    block = doc.split("```clean-examples\n", 1)[1].split("```", 1)[0]
+    unescape = lambda s: re.sub(  # noqa: E731
+        r"\\(n|t|u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8})",
+        lambda m: {"n": "\n", "t": "\t"}.get(m.group(1)) or chr(int(m.group(1)[1:], 16)), s)
+    for line in block.splitlines():
+        rule, _, rest = line.partition(": ")
+        dirty, _, clean = rest.partition("  =>  ")
+        yield rule, unescape(dirty), unescape(clean)
+
+
+@pytest.mark.parametrize("rule,dirty,clean", list(_doc_examples()))
+def test_docs_examples_hold(rule, dirty, clean):
+    assert clean_text(dirty, [rule, "whitespace"]) == clean
