@@ -55,6 +55,12 @@ class DataConfig:
     )
     min_chars: int = opt(200, "Drop articles whose cleaned text is shorter than this.")
     max_chars: int = opt(200_000, "Drop articles whose cleaned text is longer than this.")
+    languages: list[str] = opt(["en"], "Keep only articles in these languages (ISO 639-1 codes, py3langid); [] = no language filter.")
+    near_dup_threshold: float = opt(
+        0.8, "Near-duplicate cut-off: word 5-gram Jaccard similarity to an earlier article (MinHash LSH, an S-curve "
+        "around it: see docs/data.md); 0 = off."
+    )
+    near_dup_num_perm: int = opt(128, "MinHash permutations for near-duplicate detection (more: sharper threshold, slower, more memory).")
     val_fraction: float = opt(0.1, "Fraction of articles in the validation split (by hash of the article id).")
     test_fraction: float = opt(0.1, "Fraction of articles in the test split (by hash of the article id).")
     storage_options: dict[str, Any] = opt({}, "Extra fsspec storage options (never credentials: use the environment).")
@@ -329,6 +335,12 @@ def _check(cfg: Config) -> list[str]:
     for name, frac in (("data.val_fraction", d.val_fraction), ("data.test_fraction", d.test_fraction)):
         if not 0.0 <= frac < 1.0:
             p.append(f"{name}: must be in [0, 1) (got {frac})")
+    if not 0.0 <= d.near_dup_threshold <= 1.0:
+        p.append(f"data.near_dup_threshold: must be in [0, 1] (got {d.near_dup_threshold})")
+    if d.near_dup_num_perm < 2:
+        p.append(f"data.near_dup_num_perm: must be >= 2 (got {d.near_dup_num_perm})")
+    if d.min_chars > d.max_chars:
+        p.append(f"data.min_chars: must be <= data.max_chars ({d.min_chars} > {d.max_chars})")
     if d.val_fraction + d.test_fraction >= 1.0:
         p.append("data.val_fraction + data.test_fraction: must leave some articles for training")
     positive = {

@@ -10,8 +10,8 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from medgen import models
-from medgen.config import Config
-from medgen.data import clean, read, shards, split
+from medgen.config import Config, DataConfig
+from medgen.data import clean, filters, read, shards, split
 from medgen.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -22,117 +22,165 @@ def document(title: str, body: str) -> str:
     return f"{title}\n\n{body}" if title else body
 
 
+# every reason a row can be dropped, in pipeline order; the report lists each, zeros included
+DROP_REASONS = (
+    "wrong_field_count", "malformed_quoting",  # parse errors (medgen/data/read.py)
+    "missing_text", "too_short", "too_long",
+    "duplicate_exact", "wrong_language", "duplicate_near",
+)
+
+
 def run(cfg: Config) -> dict[str, Any]:
     d = cfg.data
     problems = clean.check_rules(d.clean_rules)
     if problems:
         raise UserError(problems[0])
+    rows = RowFilter(d)
     tok = models.load_tokenizer(cfg.model.name_or_path, cfg.model.revision)
-    cols = read.Columns.from_config(d)
-    out_url = cfg.shards_url
     t0 = time.time()
     source = read.open_source(d.source, d.storage_options)
-    writer = shards.ShardWriter(out_url, d.storage_options, d.num_shards)
-    dropped: Counter[str] = Counter()
-    rule_hits: dict[str, int] = {}
-    warnings: Counter[str] = Counter()
-    seen: set[bytes] = set()
-    rows_read = 0
+    writer = shards.ShardWriter(cfg.shards_url, d.storage_options, d.num_shards)
     try:
-        bar = tqdm(desc="prepare", unit=" rows", disable=None)
-        for chunk in read.iter_chunks(source, cols, d.chunk_rows, d.source):
-            rows_read += len(chunk)
-            docs, metas = [], []
-            for rec in chunk.to_dict("records"):
-                kept = _clean_row(rec, cols, d, rule_hits, dropped, warnings, seen)
-                if kept is not None:
-                    docs.append(kept.pop("document"))
-                    metas.append(kept)
-            # batched: the fast tokenizer encodes the whole chunk in parallel
-            ids = tok(docs, add_special_tokens=False)["input_ids"] if docs else []
-            for doc, meta, toks in zip(docs, metas, ids):
-                meta.update(input_ids=toks, n_tokens=len(toks), n_bytes=len(doc.encode("utf-8")))
-                writer.add(meta.pop("split"), meta.pop("shard"), meta)
-            bar.update(len(chunk))
-        bar.close()
+        rows_read = _write_articles(source, rows, tok, writer, d)
         split_stats = writer.finish()
-        kept_total = sum(s["articles"] for s in split_stats.values())
-        report = {
-            "source": read.redact(d.source),
-            "source_sha256": source.sha256.hexdigest(),
-            "source_bytes": source.bytes,
-            "rows_read": rows_read,
-            "rows_kept": kept_total,
-            "rows_dropped": sum(dropped.values()),
-            "dropped": dict(sorted(dropped.items())),
-            "cleaned": rule_hits,
-            "warnings": dict(sorted(warnings.items())),
-            "splits": {k: {"articles": v["articles"], "tokens": v["tokens"]} for k, v in split_stats.items()},
-            "seconds": round(time.time() - t0, 2),
-        }
-        assert report["rows_kept"] + report["rows_dropped"] == rows_read, report
-        manifest = {
-            "format": "medgen-shards/1",
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "source": {"url": read.redact(d.source), "sha256": report["source_sha256"], "bytes": source.bytes},
-            "config_hash": _data_config_hash(cfg),
-            "tokenizer": {
-                "name": cfg.model.name_or_path,
-                "fingerprint": models.tokenizer_fingerprint(tok),
-                "eos_token_id": tok.eos_token_id,
-            },
-            "num_shards": d.num_shards,
-            "splits": split_stats,
-        }
-        writer.publish(manifest, report)
+        report = _report(d, source, rows, rows_read, split_stats, time.time() - t0)
+        writer.publish(_manifest(cfg, source, tok, split_stats), report)
     except BaseException:
         writer.abort()
         raise
-    log.info("prepare: %d rows read, %d kept, %d dropped -> %s", rows_read, kept_total, report["rows_dropped"], read.redact(out_url))
+    log.info("prepare: %d rows read, %d kept, %d dropped -> %s", rows_read, report["rows_kept"],
+             report["rows_dropped"], read.redact(cfg.shards_url))
     return report
 
 
-def _clean_row(rec, cols, d, rule_hits, dropped, warnings, seen) -> dict | None:
-    """Clean and classify one CSV row; None (and a counted reason) when it is dropped."""
-    raw_text = rec.get(cols.text, "")
-    if not raw_text.strip():
-        dropped["missing_text"] += 1
-        return None
-    if "\ufffd" in raw_text:
-        warnings["invalid_utf8_replaced"] += 1
-    title = clean.clean_text(rec.get(cols.title, ""), d.clean_rules) if cols.title else ""
-    body = clean.clean_text(raw_text, d.clean_rules, rule_hits)
-    if len(body) < d.min_chars:
-        dropped["too_short"] += 1
-        return None
-    if len(body) > d.max_chars:
-        dropped["too_long"] += 1
-        return None
-    key = hashlib.blake2b(clean.normalise_for_dedup(body).encode(), digest_size=16).digest()
-    if key in seen:
-        dropped["duplicate_exact"] += 1
-        return None
-    seen.add(key)
-    url = rec.get(cols.url, "") if cols.url else ""
-    aid = split.article_id(url, title, body)
-    tags = read.parse_list(rec.get(cols.tags, "")) if cols.tags else []
-    if tags is None:
-        warnings["tags_unparsable_cleared"] += 1
-        tags = []
-    authors = read.parse_list(rec.get(cols.authors, "")) if cols.authors else []
-    if authors is None:
-        warnings["authors_unparsable_cleared"] += 1
-        authors = []
-    ts = read.parse_timestamp(rec.get(cols.timestamp, "")) if cols.timestamp else ""
-    if ts is None:
-        warnings["timestamp_unparsable_cleared"] += 1
-        ts = ""
-    return {
-        "id": aid, "title": title, "text": body, "url": read.redact(url), "tags": tags, "authors": authors,
-        "timestamp": ts, "document": document(title, body),
-        "split": split.assign_split(aid, d.val_fraction, d.test_fraction),
-        "shard": split.assign_shard(aid, d.num_shards),
+def _write_articles(source: read.HashingReader, rows: "RowFilter", tok, writer: shards.ShardWriter, d: DataConfig) -> int:
+    """Read, filter, tokenize and write every article; returns the number of data rows read."""
+    rows_read = 0
+    bar = tqdm(desc="prepare", unit=" rows", disable=None)
+    for batch in read.iter_batches(source, read.Columns.from_config(d), d.chunk_rows, d.source):
+        rows_read += batch.rows
+        rows.dropped.update(batch.malformed)
+        kept = [k for k in map(rows.keep, batch.records) if k is not None]
+        docs = [k.pop("document") for k in kept]
+        # batched: the fast tokenizer encodes the whole chunk in parallel
+        ids = tok(docs, add_special_tokens=False)["input_ids"] if docs else []
+        for doc, meta, toks in zip(docs, kept, ids):
+            meta.update(input_ids=toks, n_tokens=len(toks), n_bytes=len(doc.encode("utf-8")))
+            writer.add(meta.pop("split"), meta.pop("shard"), meta)
+        bar.update(batch.rows)
+    bar.close()
+    return rows_read
+
+
+def _report(d: DataConfig, source: read.HashingReader, rows: "RowFilter", rows_read: int,
+            split_stats: dict[str, Any], seconds: float) -> dict[str, Any]:
+    report = {
+        "source": read.redact(d.source),
+        "source_sha256": source.sha256.hexdigest(),
+        "source_bytes": source.bytes,
+        "rows_read": rows_read,
+        "rows_kept": sum(s["articles"] for s in split_stats.values()),
+        "rows_dropped": sum(rows.dropped.values()),
+        "dropped": {k: rows.dropped[k] for k in DROP_REASONS},
+        "cleaned": {k: rows.cleaned.get(k, 0) for k in d.clean_rules},
+        "cleaned_chars": {k: rows.cleaned_chars.get(k, 0) for k in d.clean_rules},
+        "languages_dropped": dict(rows.languages_dropped.most_common()),
+        "warnings": dict(sorted(rows.warnings.items())),
+        "splits": {k: {"articles": v["articles"], "tokens": v["tokens"]} for k, v in split_stats.items()},
+        "seconds": round(seconds, 2),
     }
+    if report["rows_kept"] + report["rows_dropped"] != rows_read:
+        raise RuntimeError(f"prepare lost track of rows: {report}")
+    return report
+
+
+def _manifest(cfg: Config, source: read.HashingReader, tok, split_stats: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "format": "medgen-shards/1",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "source": {"url": read.redact(cfg.data.source), "sha256": source.sha256.hexdigest(), "bytes": source.bytes},
+        "config_hash": _data_config_hash(cfg),
+        "tokenizer": {
+            "name": cfg.model.name_or_path,
+            "fingerprint": models.tokenizer_fingerprint(tok),
+            "eos_token_id": tok.eos_token_id,
+        },
+        "num_shards": cfg.data.num_shards,
+        "splits": split_stats,
+    }
+
+
+class RowFilter:
+    """Cleans and classifies CSV records one by one, counting every drop, change and repair."""
+
+    def __init__(self, d: DataConfig):
+        self.d = d
+        self.cols = read.Columns.from_config(d)
+        self.dropped: Counter[str] = Counter()
+        self.cleaned: dict[str, int] = {}
+        self.cleaned_chars: dict[str, int] = {}
+        self.warnings: Counter[str] = Counter()
+        self.languages_dropped: Counter[str] = Counter()
+        self.exact = filters.ExactDuplicates()
+        self.language = filters.LanguageFilter(d.languages) if d.languages else None
+        self.near = filters.NearDuplicates(d.near_dup_threshold, d.near_dup_num_perm) if d.near_dup_threshold else None
+
+    def keep(self, rec: dict[str, str]) -> dict | None:
+        """The article (with its split and shard) or None, its drop reason counted."""
+        body = rec[self.cols.text]
+        if not body.strip():
+            reason = "missing_text"
+        else:
+            if any("\ufffd" in v for v in rec.values()):
+                self.warnings["invalid_utf8_replaced"] += 1
+            body = clean.clean_text(body, self.d.clean_rules, self.cleaned, self.cleaned_chars)
+            reason = self._drop_reason(body)
+        if reason:
+            self.dropped[reason] += 1
+            return None
+        return self._article(rec, body)
+
+    def _drop_reason(self, body: str) -> str | None:
+        """Cheap checks first; the duplicate indexes only remember articles that passed the checks before."""
+        if len(body) < self.d.min_chars:
+            return "too_short"
+        if len(body) > self.d.max_chars:
+            return "too_long"
+        if self.exact.check_and_add(body):
+            return "duplicate_exact"
+        if self.language:
+            lang = self.language.detect(body)
+            if lang not in self.language.languages:
+                self.languages_dropped[lang] += 1
+                return "wrong_language"
+        if self.near and self.near.check_and_add(body):
+            return "duplicate_near"
+        return None
+
+    def _article(self, rec: dict[str, str], body: str) -> dict:
+        d, cols = self.d, self.cols
+        title = clean.clean_text(rec[cols.title], d.clean_rules) if cols.title else ""
+        url = rec[cols.url] if cols.url else ""
+        aid = split.article_id(url, title, body)
+        return {
+            "id": aid, "title": title, "text": body, "url": read.redact(url),
+            "tags": self._field(rec, cols.tags, "tags", read.parse_list, []),
+            "authors": self._field(rec, cols.authors, "authors", read.parse_list, []),
+            "timestamp": self._field(rec, cols.timestamp, "timestamp", read.parse_timestamp, ""),
+            "document": document(title, body),
+            "split": split.assign_split(aid, d.val_fraction, d.test_fraction),
+            "shard": split.assign_shard(aid, d.num_shards),
+        }
+
+    def _field(self, rec: dict[str, str], column: str, name: str, parse, empty):
+        """A parsed metadata field; unparsable ones are cleared and counted, the article is kept."""
+        if not column:
+            return empty
+        value = parse(rec[column])
+        if value is None:
+            self.warnings[f"{name}_unparsable_cleared"] += 1
+            return empty
+        return value
 
 
 def _data_config_hash(cfg: Config) -> str:
@@ -144,17 +192,19 @@ def _data_config_hash(cfg: Config) -> str:
 
 
 def print_report(report: dict[str, Any]) -> str:
-    lines = [
-        f"rows read    {report['rows_read']:>8}",
-        f"rows kept    {report['rows_kept']:>8}",
-        f"rows dropped {report['rows_dropped']:>8}",
-    ]
-    lines += [f"  {k:<24}{v:>6}" for k, v in report["dropped"].items()]
+    """The report as a plain-text table (the CLI prints it after ``medgen prepare``)."""
+    row = "  {:<30}{:>10}".format
+    lines = [f"{'rows read':<32}{report['rows_read']:>10}", f"{'rows kept':<32}{report['rows_kept']:>10}",
+             f"{'rows dropped':<32}{report['rows_dropped']:>10}"]
+    lines += [row(k, v) for k, v in report["dropped"].items()]
+    if report["languages_dropped"]:
+        lines.append("  wrong_language by detected language: "
+                     + ", ".join(f"{k} {v}" for k, v in report["languages_dropped"].items()))
     if report["warnings"]:
         lines.append("kept with a field cleared or repaired:")
-        lines += [f"  {k:<24}{v:>6}" for k, v in report["warnings"].items()]
-    lines.append("cleaning rules (articles changed):")
-    lines += [f"  {k:<24}{v:>6}" for k, v in report["cleaned"].items()]
-    lines.append("splits:")
-    lines += [f"  {k:<12}{v['articles']:>6} articles {v['tokens']:>10} tokens" for k, v in report["splits"].items()]
+        lines += [row(k, v) for k, v in report["warnings"].items()]
+    lines.append(f"{'cleaning rules':<32}{'articles':>10}{'chars removed':>15}")
+    lines += [row(k, v) + f"{report['cleaned_chars'].get(k, 0):>15}" for k, v in report["cleaned"].items()]
+    lines.append(f"{'splits':<32}{'articles':>10}{'tokens':>15}")
+    lines += [row(k, v["articles"]) + f"{v['tokens']:>15}" for k, v in report["splits"].items()]
     return "\n".join(lines)

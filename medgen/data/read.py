@@ -1,16 +1,21 @@
-"""Read the articles CSV from any fsspec URL, in chunks, hashing the raw bytes as they stream by."""
+"""Read the articles CSV from any fsspec URL, in batches, hashing the raw bytes as they stream by."""
 from __future__ import annotations
 
 import ast
+import csv
 import hashlib
 import io
-from dataclasses import dataclass
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import fsspec
 import pandas as pd
 
 from medgen.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -59,39 +64,103 @@ def open_source(url: str, storage_options: dict) -> HashingReader:
     try:
         f = fsspec.open(url, "rb", **storage_options).open()
     except FileNotFoundError:
-        raise UserError(f"data.source: not found: {redact(url)}") from None
+        raise UserError(
+            f"data.source: not found: {redact(url)}; check the path (for s3:// the bucket, the key and AWS_ENDPOINT_URL)"
+        ) from None
     except PermissionError as e:
-        raise UserError(f"data.source: access denied to {redact(url)} ({e}); check the credentials in the environment") from None
+        raise UserError(
+            f"data.source: access denied to {redact(url)} ({_first_line(e)}); check the credentials in the environment "
+            f"(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)"
+        ) from None
     except (ValueError, ImportError) as e:
-        raise UserError(f"data.source: cannot open {redact(url)}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"data.source: cannot open {redact(url)}: {_first_line(e)}") from None
     except OSError as e:
-        raise UserError(f"data.source: cannot read {redact(url)}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"data.source: cannot read {redact(url)}: {_first_line(e)}") from None
     return HashingReader(f)
 
 
-def iter_chunks(reader: HashingReader, cols: Columns, chunk_rows: int, url: str) -> Iterator[pd.DataFrame]:
-    """DataFrames of at most ``chunk_rows`` rows, all columns as strings ('' for missing)."""
-    text = io.TextIOWrapper(io.BufferedReader(reader, 1 << 20), encoding="utf-8", errors="replace", newline="")
+def _first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+MAX_FIELD_CHARS = 64 << 20  # a longer field is an unmatched quote swallowing the file, not an article
+
+
+@dataclass
+class Batch:
+    """Up to ``chunk_rows`` data rows: the well-formed ones as records, the others counted by reason."""
+
+    records: list[dict[str, str]] = field(default_factory=list)
+    malformed: Counter = field(default_factory=Counter)
+
+    @property
+    def rows(self) -> int:
+        return len(self.records) + sum(self.malformed.values())
+
+
+def iter_batches(reader: HashingReader, cols: Columns, chunk_rows: int, url: str) -> Iterator[Batch]:
+    """Stream the CSV in batches; memory holds one batch whatever the file size.
+
+    A row with another number of fields than the header (``wrong_field_count``) or with text after a
+    closing quote (``malformed_quoting``) is counted, never parsed into shifted columns. A quoted field
+    still open at the end of the file is a broken source (UserError): it swallowed every later row.
+    """
+    csv.field_size_limit(MAX_FIELD_CHARS)
+    text = io.TextIOWrapper(io.BufferedReader(reader, 1 << 20), encoding="utf-8-sig", errors="replace", newline="")
+    state = {"eof": False}
+    rows = csv.reader(_lines(text, state, url), strict=True)
+    header = _header(rows, cols, url)
+    if header is None:
+        log.warning("data.source %s is empty: no header, no rows", redact(url))
+        return
+    batch = Batch()
+    while True:
+        start = rows.line_num + 1
+        try:
+            row = next(rows)
+        except StopIteration:
+            break
+        except csv.Error as e:
+            if state["eof"] or "field larger" in str(e):
+                raise UserError(
+                    f"data.source {redact(url)}: the quoted field opened at line {start} never closes (an unmatched "
+                    f"'\"' swallows every later row); fix the quoting in the file"
+                ) from None
+            batch.malformed["malformed_quoting"] += 1
+        else:
+            if not row:
+                continue  # a blank line is not a row
+            if len(row) == len(header):
+                batch.records.append(dict(zip(header, row)))
+            else:
+                batch.malformed["wrong_field_count"] += 1
+        if batch.rows >= chunk_rows:
+            yield batch
+            batch = Batch()
+    if batch.rows:
+        yield batch
+
+
+def _lines(text: io.TextIOWrapper, state: dict, url: str) -> Iterator[str]:
     try:
-        chunks = pd.read_csv(
-            text, chunksize=chunk_rows, dtype=str, keep_default_na=False, na_filter=False, engine="c",
+        yield from text
+    except OSError as e:
+        raise UserError(f"data.source {redact(url)}: reading failed: {_first_line(e)}") from None
+    state["eof"] = True
+
+
+def _header(rows, cols: Columns, url: str) -> list[str] | None:
+    header = next(rows, None)
+    if header is None:
+        return None
+    wanted = (cols.title, cols.text, cols.url, cols.tags, cols.authors, cols.timestamp)
+    missing = [c for c in wanted if c and c not in header]
+    if missing:
+        raise UserError(
+            f"data.source {redact(url)}: no column {', '.join(map(repr, missing))} "
+            f"(columns: {', '.join(header)[:300]}); set data.<name>_column, or '' if there is none"
         )
-        first = True
-        for chunk in chunks:
-            if first:
-                missing = [c for c in (cols.title, cols.text, cols.url, cols.tags, cols.authors, cols.timestamp)
-                           if c and c not in chunk.columns]
-                if missing:
-                    raise UserError(
-                        f"data.source {redact(url)}: no column {', '.join(map(repr, missing))} "
-                        f"(columns: {', '.join(chunk.columns)}); set data.<name>_column, or '' if there is none"
-                    )
-                first = False
-            yield chunk
-    except pd.errors.EmptyDataError:
-        return  # an empty file: zero rows read, reported as such
-    except pd.errors.ParserError as e:
-        raise UserError(f"data.source {redact(url)}: not a readable CSV ({str(e).splitlines()[0]})") from None
+    return header
 
 
 def parse_list(value: str) -> list[str] | None:

@@ -6,11 +6,13 @@ so a reader that trusts only the manifest never sees missing or partial shards.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import posixpath
 import uuid
-from typing import Any
+from typing import Any, Iterator
 
 import fsspec
 import pyarrow as pa
@@ -41,6 +43,35 @@ def filesystem(url: str, storage_options: dict) -> tuple[fsspec.AbstractFileSyst
         return fsspec.core.url_to_fs(url, **storage_options)
     except (ValueError, ImportError) as e:
         raise UserError(f"cannot use {redact(url)}: {str(e).splitlines()[0]}") from None
+
+
+@contextlib.contextmanager
+def storage_errors(key: str, url: str) -> Iterator[None]:
+    """Turn a storage failure (no bucket, bad credentials, read-only path) into one clear UserError."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise UserError(f"{key}: {redact(url)} does not exist (no such bucket or directory); create it or fix {key}") from None
+    except PermissionError:
+        raise UserError(
+            f"{key}: access denied to {redact(url)}; check the credentials in the environment "
+            f"(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL)"
+        ) from None
+    except OSError as e:
+        raise UserError(f"{key}: cannot write to {redact(url)}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def _storage_errors(method):
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with storage_errors("data.shards", self.url):
+            return method(self, *args, **kwargs)
+    return wrapper
+
+
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
+    return "file" in protocols or "local" in protocols
 
 
 class _HashingWriter:
@@ -79,11 +110,21 @@ class ShardWriter:
         self.buffers: dict[tuple[str, int], list[dict]] = {}
         self.writers: dict[tuple[str, int], tuple[pq.ParquetWriter, _HashingWriter]] = {}
         self.stats: dict[tuple[str, int], dict[str, int]] = {}
+        self._preflight()
+
+    @_storage_errors
+    def _preflight(self) -> None:
+        """Fail now, not after hours of work, when the destination cannot be written; never create a bucket
+        (s3fs's makedirs would), so object stores get a probe write before any makedirs."""
+        if _is_local(self.fs):
+            self.fs.makedirs(self.tmp, exist_ok=True)
+        self.fs.pipe(posixpath.join(self.tmp, ".probe"), b"")
 
     @staticmethod
     def relpath(split: str, shard: int, num_shards: int) -> str:
         return f"{split}/part-{shard:05d}-of-{num_shards:05d}.parquet"
 
+    @_storage_errors
     def add(self, split: str, shard: int, row: dict) -> None:
         key = (split, shard)
         buf = self.buffers.setdefault(key, [])
@@ -106,6 +147,7 @@ class ShardWriter:
         self.writers[key][0].write_table(pa.Table.from_pylist(rows, schema=SCHEMA))
         self.buffers[key] = []
 
+    @_storage_errors
     def finish(self) -> dict[str, Any]:
         """Close every shard (empty ones too, so each split has exactly num_shards files); return their entries."""
         for split in SPLITS:
@@ -131,6 +173,7 @@ class ShardWriter:
             splits[split]["tokens"] += st["tokens"]
         return splits
 
+    @_storage_errors
     def publish(self, manifest: dict[str, Any], report: dict[str, Any]) -> None:
         """Move the shards into place, then write the report and (last) the manifest."""
         fs, root = self.fs, self.root
@@ -149,14 +192,18 @@ class ShardWriter:
         _write_atomic(fs, manifest_path, json.dumps(manifest, indent=2))
 
     def abort(self) -> None:
+        """Best effort: close and delete the temporary shards (a failure here must not hide the first one)."""
         for writer, hw in self.writers.values():
             try:
                 writer.close()
                 hw.close()
             except Exception:
                 pass
-        if self.fs.exists(self.tmp):
-            self.fs.rm(self.tmp, recursive=True)
+        try:
+            if self.fs.exists(self.tmp):
+                self.fs.rm(self.tmp, recursive=True)
+        except Exception:
+            pass
 
 
 def _write_atomic(fs, path: str, text: str) -> None:
