@@ -76,7 +76,28 @@ def open_source(url: str, storage_options: dict) -> HashingReader:
         raise UserError(f"data.source: cannot open {redact(url)}: {_first_line(e)}") from None
     except OSError as e:
         raise UserError(f"data.source: cannot read {redact(url)}: {_first_line(e)}") from None
+    except Exception as e:
+        raise storage_error(e, "data.source", url) from None
     return HashingReader(f)
+
+
+STORAGE_MODULES = ("botocore", "aiobotocore", "s3fs", "gcsfs", "google", "adlfs", "azure")
+
+
+def storage_error(e: Exception, key: str, url: str) -> Exception:
+    """An object-store client's exception as a one-line UserError naming the URL and the remedy;
+    any other exception is returned unchanged (a bug, not a user mistake)."""
+    if type(e).__module__.split(".")[0] not in STORAGE_MODULES:
+        return e
+    name = type(e).__name__
+    if "Credentials" in name:
+        remedy = ("no credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or a profile / "
+                  "instance role) in the environment")
+    elif "Connect" in name or "Endpoint" in name:
+        remedy = f"cannot reach the object store ({_first_line(e)}); check AWS_ENDPOINT_URL and the network"
+    else:
+        remedy = f"{name}: {_first_line(e)}"
+    return UserError(f"{key}: {redact(url)}: {remedy}")
 
 
 def _first_line(e: BaseException) -> str:

@@ -18,7 +18,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from medgen.data.read import redact
+from medgen.data.read import redact, storage_error
 from medgen.data.split import SPLITS
 from medgen.errors import UserError
 
@@ -223,6 +223,8 @@ def read_manifest(url: str, storage_options: dict) -> dict[str, Any]:
         raise UserError(
             f"data.shards: no {MANIFEST} at {redact(url)}; run `medgen prepare` first (or point data.shards at a prepared dataset)"
         ) from None
+    except Exception as e:
+        raise storage_error(e, "data.shards", url) from None
 
 
 def shard_urls(url: str, manifest: dict[str, Any], split: str) -> list[str]:
