@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from safetensors.torch import load_file
 
 from medgen import config
 from medgen.errors import ConfigError, UserError
 from medgen.launch import slurm
 from tests.conftest import ROOT, medgen
+from tests.test_train import _adapter, _max_diff
 
 STEPS = 12
 # Local (1 process, batch 4) and SLURM (2 tasks, batch 2) see the same global batches: data_streams=2 fixes
@@ -22,7 +22,6 @@ STEPS = 12
 # is the order of float sums (DDP averages two half-batch gradients): adapters agree to ~1e-7, asserted 1e-5.
 COMMON = ["--config", "configs/tiny.yaml", f"train.max_steps={STEPS}", "train.data_streams=2", "lora.dropout=0"]
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING", "?"}
-cluster = [pytest.mark.slurm, pytest.mark.slow]
 
 
 def _jobs(run: Path) -> dict:
@@ -49,15 +48,6 @@ def _wait(run: Path, timeout: float = 900) -> dict[str, dict]:
         if time.time() > deadline:
             pytest.fail(f"chain not finished after {timeout} s:\n{medgen('status', str(run), check=False).stdout}")
         time.sleep(2)
-
-
-def _adapter(run: Path) -> dict:
-    return load_file(str(run / "adapter" / "adapter_model.safetensors"))
-
-
-def _max_diff(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
 def _close(a, b, rel: float) -> bool:
