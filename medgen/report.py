@@ -282,7 +282,11 @@ def _cell(text: str) -> str:
 
 
 def _section_provenance(metrics: dict | None, prep: dict | None) -> list[str]:
-    rows = [[k, v] for k, v in versions().items()]
+    import shlex
+    import sys
+
+    rows = [["command", f"`{shlex.join(['medgen', *sys.argv[1:]])}`"]]
+    rows += [[k, v] for k, v in versions().items()]
     if metrics:
         rows += [["model fingerprint", metrics.get("model_fingerprint", "")],
                  ["adapter fingerprint", metrics.get("adapter_fingerprint", "")],
