@@ -48,7 +48,7 @@ class DataConfig:
     tags_column: str = opt("tags", "CSV column with a Python-list string of tags ('' if none).")
     authors_column: str = opt("authors", "CSV column with a Python-list string of authors ('' if none).")
     timestamp_column: str = opt("timestamp", "CSV column with an ISO-8601 timestamp ('' if none).")
-    chunk_rows: int = opt(2000, "Rows read per CSV chunk; memory stays flat whatever the file size.")
+    chunk_rows: int = opt(500, "Rows read per CSV chunk; memory stays flat whatever the file size.")
     clean_rules: list[str] = opt(
         ["html", "image_credits", "urls", "emails", "mentions", "emoji", "special_chars", "whitespace"],
         "Cleaning rules, applied in this order (see docs/data.md for what each removes).",

@@ -53,6 +53,7 @@ _LINK = (
     rf"{_URL_BODY}(?<![.,;:!?])"
 )
 _URL = re.compile(rf"[ \t]*\([ \t]*(?:{_LINK})[ \t]*\)|{_LINK}")  # "(link)" goes with its brackets
+_LINK_HINT = re.compile(r"://|www\.|\.(?:com|org|net|edu|gov|co|ly|me)\b")  # fast pre-check, most articles have none
 _EMAIL = re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}\b")
 # preceded by a space, ':' or nothing; not followed by what makes it code: a call '(', a scope '/',
 # an attribute '.x', a ':' (annotation docs), or more handle characters
@@ -71,8 +72,7 @@ _REMOVE_CATEGORIES = {"Cc", "Cf", "Co", "Cn", "Cs"}
 _DECORATION = re.compile("[\u2022\u2023\u2043\u00b7\u2219\u2190-\u21ff\u2500-\u25ff\u27f0-\u27ff\u2900-\u297f]")
 _KEEP_SYMBOLS = "\u00b0\u00a9\u00ae"  # ° © ®: content, although Unicode files them with decoration (So)
 _NOT_PLAIN = re.compile(r"[^\t\n\x20-\x7e]")
-_SPACES = re.compile(r"[ \t]{2,}|\t")
-_LINE_EDGES = re.compile(r" +\n *|\n +")
+_SPACES = re.compile(" {2,}")
 _PARAGRAPHS = re.compile(r"\n{3,}")
 
 
@@ -105,17 +105,26 @@ def _mentions(text: str) -> str:
     return "\n".join(ln if _CODE_LINE.search(ln) else _MENTION.sub("", ln) for ln in text.split("\n"))
 
 
+def _urls(text: str) -> str:
+    return _URL.sub("", text) if _LINK_HINT.search(text) else text
+
+
 def _whitespace(text: str) -> str:
+    # str methods, not regexes: a 10 MB article is one long run of matches
     text = text.replace("\r\n", "\n").replace("\r", "\n")
-    text = _SPACES.sub(" ", text)
-    text = _LINE_EDGES.sub("\n", text)
+    for ch in "\t\f\v":
+        if ch in text:
+            text = text.replace(ch, " ")
+    if "  " in text:
+        text = _SPACES.sub(" ", text)
+    text = "\n".join(line.strip(" ") for line in text.split("\n"))
     return _PARAGRAPHS.sub("\n\n", text).strip()
 
 
 RULES: dict[str, Callable[[str], str]] = {
     "html": _strip_html,
     "image_credits": lambda t: _CREDIT.sub("", t),
-    "urls": lambda t: _URL.sub("", t),
+    "urls": _urls,
     "emails": lambda t: _EMAIL.sub("", t) if "@" in t else t,
     "mentions": _mentions,
     "emoji": lambda t: _EMOJI.sub("", t),

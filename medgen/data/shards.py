@@ -101,7 +101,7 @@ class _HashingWriter:
 class ShardWriter:
     """One ParquetWriter per (split, shard), rows buffered into row groups."""
 
-    ROW_GROUP = 512
+    ROW_GROUP = 128  # rows buffered per shard file; bounds prepare's memory and each row group a reader decodes
 
     def __init__(self, url: str, storage_options: dict, num_shards: int):
         self.fs, self.root = filesystem(url, storage_options)
