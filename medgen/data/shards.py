@@ -59,6 +59,8 @@ def storage_errors(key: str, url: str) -> Iterator[None]:
         ) from None
     except OSError as e:
         raise UserError(f"{key}: cannot write to {redact(url)}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    except Exception as e:  # the object-store client's own errors (no credentials, unreachable endpoint)
+        raise storage_error(e, key, url) from None
 
 
 def _storage_errors(method):
