@@ -98,3 +98,21 @@ def test_prepare_train_evaluate_on_s3(tmp_path, s3_server):
     medgen("evaluate", *common)
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["tuned"]["tokens"] == manifest["splits"]["test"]["tokens"]
+
+
+def test_prepare_real_sample_from_s3_to_s3(tmp_path, s3_server, medium_sample):
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    fs.put(str(medium_sample), "medgen-test/raw/medium-500.csv")
+    shards = "s3://medgen-test/real/data"
+    medgen("prepare", "--config", "configs/tiny.yaml", f"run.dir={tmp_path}", f"data.shards={shards}",
+           "data.source=s3://medgen-test/raw/medium-500.csv")
+    report = json.loads(fs.cat(f"{shards}/prepare_report.json"))
+    manifest = json.loads(fs.cat(f"{shards}/manifest.json"))
+    assert report["rows_read"] == 500 and report["rows_kept"] + report["rows_dropped"] == 500
+    assert report["source_sha256"] == hashlib.sha256(medium_sample.read_bytes()).hexdigest()
+    assert sum(s["articles"] for s in manifest["splits"].values()) == report["rows_kept"]
+    for info in manifest["splits"].values():
+        for e in info["shards"]:
+            assert hashlib.sha256(fs.cat(f"{shards}/{e['path']}")).hexdigest() == e["sha256"]
