@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from medgen import models
 from medgen.config import Config
 from medgen.data import shards, stream
+from medgen.dist import process_state
 from medgen.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -140,24 +141,6 @@ def _per_article(work: list[Window], window_nll: list[float], n: int) -> list[tu
 
 
 # --------------------------------------------------------------------------- several processes
-
-
-def process_state():
-    """accelerate's PartialState, on CPU when there is no GPU or ACCELERATE_USE_CPU is set.
-
-    ``PartialState()`` alone on a CPU machine under torchrun reports ONE process per rank (every rank
-    would score everything and write the output): ask for CPU explicitly and check the world size.
-    """
-    from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
-
-    cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
-    state = PartialState(cpu=cpu)
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if state.num_processes != launched:
-        raise UserError(f"launched as {launched} processes but accelerate sees {state.num_processes}; "
-                        "use torchrun (with ACCELERATE_USE_CPU=true on CPU)")
-    return state
 
 
 def set_threads(state, configured: int) -> int:

@@ -31,6 +31,7 @@ from transformers import GenerationConfig, LogitsProcessor, StoppingCriteria
 from medgen import models
 from medgen.config import ASSETS, Config, GenerateConfig
 from medgen.data.read import redact
+from medgen.dist import process_state
 from medgen.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -296,20 +297,6 @@ def _max_positions(config) -> int:
 
 
 # --------------------------------------------------------------------------- the job: exactly once
-
-
-def process_state():
-    """accelerate's view of this process, with torchrun's ranks honoured on machines without a GPU."""
-    from accelerate import PartialState
-
-    # Without cpu=True, accelerate ignores torchrun's RANK/WORLD_SIZE where there is no GPU: every rank
-    # would think it is alone and do all the work.
-    cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
-    state = PartialState(cpu=cpu)
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if state.num_processes != launched:
-        raise RuntimeError(f"launched as {launched} processes but accelerate sees {state.num_processes}")
-    return state
 
 
 def run(cfg: Config) -> dict[str, Any]:
