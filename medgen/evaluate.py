@@ -352,11 +352,5 @@ def _timing(info: dict, out: dict) -> dict[str, Any]:
 
 def _write_outputs(out: Path, rows: list[dict], metrics: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / "articles.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    _write_atomic(out / "metrics.json", json.dumps(metrics, indent=2))  # last: readers trust it
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    shards.write_atomic(str(out / "articles.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
+    shards.write_atomic(str(out / "metrics.json"), json.dumps(metrics, indent=2))  # last: readers trust it

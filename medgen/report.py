@@ -10,7 +10,6 @@ import html
 import json
 import logging
 import math
-import os
 import re
 from collections import Counter
 from pathlib import Path
@@ -330,15 +329,9 @@ def run(cfg: Config) -> dict[str, Any]:
         lines += _section_generations(gens, _held_out_texts(cfg))
     lines += _section_provenance(metrics, prep)
     md = "\n".join(lines)
-    _write(out / "report.md", md)
-    _write(out / "report.html", to_html(md, out))
+    shards.write_atomic(str(out / "report.md"), md)
+    shards.write_atomic(str(out / "report.html"), to_html(md, out))
     return {"report": str(out / "report.md"), "html": str(out / "report.html")}
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def to_html(md: str, img_dir: Path) -> str:

@@ -190,8 +190,8 @@ class ShardWriter:
                 fs.makedirs(final_dir, exist_ok=True)
                 fs.mv(posixpath.join(self.tmp, entry["path"]), posixpath.join(root, entry["path"]))
         self.abort()
-        _write_atomic(fs, posixpath.join(root, REPORT), json.dumps(report, indent=2))
-        _write_atomic(fs, manifest_path, json.dumps(manifest, indent=2))
+        write_atomic(posixpath.join(root, REPORT), json.dumps(report, indent=2), fs)
+        write_atomic(manifest_path, json.dumps(manifest, indent=2), fs)
 
     def abort(self) -> None:
         """Best effort: close and delete the temporary shards (a failure here must not hide the first one)."""
@@ -208,9 +208,11 @@ class ShardWriter:
             pass
 
 
-def _write_atomic(fs, path: str, text: str) -> None:
+def write_atomic(path: str, text: str, fs: fsspec.AbstractFileSystem | None = None) -> None:
+    """Write ``text`` (UTF-8) under a temporary name, then move it into place (local disk by default)."""
+    fs = fs or fsspec.filesystem("file")
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    with fs.open(tmp, "w") as f:
+    with fs.open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
     fs.mv(tmp, path)
 
