@@ -30,7 +30,7 @@ from transformers import GenerationConfig, LogitsProcessor, StoppingCriteria
 
 from medgen import models
 from medgen.config import ASSETS, Config, GenerateConfig
-from medgen.data.read import redact
+from medgen.data.storage import redact, storage_errors
 from medgen.dist import process_state
 from medgen.errors import UserError
 
@@ -48,11 +48,9 @@ Key = tuple[str, int]
 
 def read_prompts(url: str, storage_options: dict | None = None) -> list[dict[str, Any]]:
     """JSONL objects with ``id`` and ``prompt`` (other fields carried through), or one prompt per text line."""
-    try:
-        with fsspec.open(url, "r", encoding="utf-8", compression="infer", **(storage_options or {})) as f:
-            text = f.read()
-    except FileNotFoundError:
-        raise UserError(f"generate.prompts: not found: {redact(url)}") from None
+    with storage_errors("generate.prompts", url), \
+            fsspec.open(url, "r", encoding="utf-8", compression="infer", **(storage_options or {})) as f:
+        text = f.read()
     plain = url.removesuffix(".gz").removesuffix(".bz2").removesuffix(".zst").removesuffix(".xz")
     return parse_prompts(text, redact(url), plain.endswith((".jsonl", ".json")))
 

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from medgen import models
 from medgen.config import Config, DataConfig
 from medgen.data import clean, filters, read, shards, split
+from medgen.data.storage import redact
 from medgen.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ def run(cfg: Config) -> dict[str, Any]:
         writer.abort()
         raise
     log.info("prepare: %d rows read, %d kept, %d dropped -> %s", rows_read, report["rows_kept"],
-             report["rows_dropped"], read.redact(cfg.shards_url))
+             report["rows_dropped"], redact(cfg.shards_url))
     return report
 
 
@@ -85,7 +86,7 @@ def _tokenize_and_write(articles: list[dict], tok, writer: shards.ShardWriter) -
 def _report(d: DataConfig, source: read.HashingReader, rows: "RowFilter", rows_read: int,
             split_stats: dict[str, Any], seconds: float) -> dict[str, Any]:
     report = {
-        "source": read.redact(d.source),
+        "source": redact(d.source),
         "source_sha256": source.sha256.hexdigest(),
         "source_bytes": source.bytes,
         "rows_read": rows_read,
@@ -108,7 +109,7 @@ def _manifest(cfg: Config, source: read.HashingReader, tok, split_stats: dict[st
     return {
         "format": "medgen-shards/1",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "source": {"url": read.redact(cfg.data.source), "sha256": source.sha256.hexdigest(), "bytes": source.bytes},
+        "source": {"url": redact(cfg.data.source), "sha256": source.sha256.hexdigest(), "bytes": source.bytes},
         "config_hash": _data_config_hash(cfg),
         "tokenizer": {
             "name": cfg.model.name_or_path,
@@ -173,7 +174,7 @@ class RowFilter:
         url = rec[cols.url] if cols.url else ""
         aid = split.article_id(url, title, body)
         return {
-            "id": aid, "title": title, "text": body, "url": read.redact(url),
+            "id": aid, "title": title, "text": body, "url": redact(url),
             "tags": self._field(rec, cols.tags, "tags", read.parse_list, []),
             "authors": self._field(rec, cols.authors, "authors", read.parse_list, []),
             "timestamp": self._field(rec, cols.timestamp, "timestamp", read.parse_timestamp, ""),

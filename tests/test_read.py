@@ -4,6 +4,7 @@ import io
 import pytest
 
 from medgen.data import read
+from medgen.data.storage import redact
 from medgen.errors import UserError
 
 COLS = read.Columns(title="title", text="text", url="url", tags="", authors="", timestamp="")
@@ -78,4 +79,4 @@ def test_source_hash_covers_every_byte():
     ("https://user:pa55@host/x.csv?X-Amz-Signature=abc", "https://host/x.csv"),
 ])
 def test_redact_drops_credentials(url, shown):
-    assert read.redact(url) == shown
+    assert redact(url) == shown

@@ -13,6 +13,7 @@ from typing import Iterator
 import fsspec
 import pandas as pd
 
+from medgen.data.storage import first_line, redact, storage_errors
 from medgen.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -50,58 +51,9 @@ class HashingReader(io.RawIOBase):
         return n
 
 
-def redact(url: str) -> str:
-    """A URL safe to log: no user:password@ part, no query string (presigned credentials)."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        return url
-    host, slash, path = rest.partition("/")
-    host = host.rpartition("@")[2]
-    return f"{scheme}://{host}{slash}{path.split('?')[0]}"
-
-
 def open_source(url: str, storage_options: dict) -> HashingReader:
-    try:
-        f = fsspec.open(url, "rb", **storage_options).open()
-    except FileNotFoundError:
-        raise UserError(
-            f"data.source: not found: {redact(url)}; check the path (for s3:// the bucket, the key and AWS_ENDPOINT_URL)"
-        ) from None
-    except PermissionError as e:
-        raise UserError(
-            f"data.source: access denied to {redact(url)} ({_first_line(e)}); check the credentials in the environment "
-            f"(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)"
-        ) from None
-    except (ValueError, ImportError) as e:
-        raise UserError(f"data.source: cannot open {redact(url)}: {_first_line(e)}") from None
-    except OSError as e:
-        raise UserError(f"data.source: cannot read {redact(url)}: {_first_line(e)}") from None
-    except Exception as e:
-        raise storage_error(e, "data.source", url) from None
-    return HashingReader(f)
-
-
-STORAGE_MODULES = ("botocore", "aiobotocore", "s3fs", "gcsfs", "google", "adlfs", "azure")
-
-
-def storage_error(e: Exception, key: str, url: str) -> Exception:
-    """An object-store client's exception as a one-line UserError naming the URL and the remedy;
-    any other exception is returned unchanged (a bug, not a user mistake)."""
-    if type(e).__module__.split(".")[0] not in STORAGE_MODULES:
-        return e
-    name = type(e).__name__
-    if "Credentials" in name:
-        remedy = ("no credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or a profile / "
-                  "instance role) in the environment")
-    elif "Connect" in name or "Endpoint" in name:
-        remedy = f"cannot reach the object store ({_first_line(e)}); check AWS_ENDPOINT_URL and the network"
-    else:
-        remedy = f"{name}: {_first_line(e)}"
-    return UserError(f"{key}: {redact(url)}: {remedy}")
-
-
-def _first_line(e: BaseException) -> str:
-    return str(e).splitlines()[0] if str(e) else type(e).__name__
+    with storage_errors("data.source", url):
+        return HashingReader(fsspec.open(url, "rb", **storage_options).open())
 
 
 MAX_FIELD_CHARS = 64 << 20  # a longer field is an unmatched quote swallowing the file, not an article
@@ -166,7 +118,7 @@ def _lines(text: io.TextIOWrapper, state: dict, url: str) -> Iterator[str]:
     try:
         yield from text
     except OSError as e:
-        raise UserError(f"data.source {redact(url)}: reading failed: {_first_line(e)}") from None
+        raise UserError(f"data.source {redact(url)}: reading failed: {first_line(e)}") from None
     state["eof"] = True
 
 

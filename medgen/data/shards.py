@@ -6,19 +6,18 @@ so a reader that trusts only the manifest never sees missing or partial shards.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import json
 import posixpath
 import uuid
-from typing import Any, Iterator
+from typing import Any
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from medgen.data.read import redact, storage_error
+from medgen.data.storage import redact, storage_error, storage_errors
 from medgen.data.split import SPLITS
 from medgen.errors import UserError
 
@@ -45,28 +44,10 @@ def filesystem(url: str, storage_options: dict) -> tuple[fsspec.AbstractFileSyst
         raise UserError(f"cannot use {redact(url)}: {str(e).splitlines()[0]}") from None
 
 
-@contextlib.contextmanager
-def storage_errors(key: str, url: str) -> Iterator[None]:
-    """Turn a storage failure (no bucket, bad credentials, read-only path) into one clear UserError."""
-    try:
-        yield
-    except FileNotFoundError:
-        raise UserError(f"{key}: {redact(url)} does not exist (no such bucket or directory); create it or fix {key}") from None
-    except PermissionError:
-        raise UserError(
-            f"{key}: access denied to {redact(url)}; check the credentials in the environment "
-            f"(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL)"
-        ) from None
-    except OSError as e:
-        raise UserError(f"{key}: cannot write to {redact(url)}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-    except Exception as e:  # the object-store client's own errors (no credentials, unreachable endpoint)
-        raise storage_error(e, key, url) from None
-
-
 def _storage_errors(method):
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
-        with storage_errors("data.shards", self.url):
+        with storage_errors("data.shards", self.url, writing=True):
             return method(self, *args, **kwargs)
     return wrapper
 

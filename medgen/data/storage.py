@@ -1,0 +1,67 @@
+"""Storage failures on any fsspec URL as one-line errors that name the config key, the URL and the remedy.
+
+One mapping for every place that touches storage (the source CSV, the shards, the manifest, the prompts),
+so the same mistake reads the same wherever it happens. URLs are shown without credentials or query.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+from medgen.errors import UserError
+
+# Client libraries whose exceptions mean "the object store said no", not "medgen has a bug".
+STORAGE_MODULES = ("botocore", "aiobotocore", "s3fs", "gcsfs", "google", "adlfs", "azure")
+CREDENTIALS = "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY"
+
+
+def redact(url: str) -> str:
+    """The URL without user:password@ and without a query string (which may carry a signature)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    host, slash, path = rest.partition("/")
+    host = host.rpartition("@")[2]
+    return f"{scheme}://{host}{slash}{path.split('?')[0]}"
+
+
+def first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def storage_error(e: Exception, key: str, url: str) -> Exception:
+    """An object-store client's exception as a one-line UserError naming the URL and the remedy;
+    any other exception is returned unchanged (a bug, not a user mistake)."""
+    if type(e).__module__.split(".")[0] not in STORAGE_MODULES:
+        return e
+    name = type(e).__name__
+    if "Credentials" in name:
+        remedy = (f"no credentials found: set {CREDENTIALS} (or a profile / instance role) in the environment")
+    elif "Connect" in name or "Endpoint" in name:
+        remedy = f"cannot reach the object store ({first_line(e)}); check AWS_ENDPOINT_URL and the network"
+    else:
+        remedy = f"{name}: {first_line(e)}"
+    return UserError(f"{key}: {redact(url)}: {remedy}")
+
+
+@contextlib.contextmanager
+def storage_errors(key: str, url: str, writing: bool = False) -> Iterator[None]:
+    """Turn a storage failure (missing file or bucket, bad credentials, read-only path) into one UserError."""
+    try:
+        yield
+    except FileNotFoundError:
+        if writing:
+            raise UserError(f"{key}: {redact(url)} does not exist (no such bucket or directory); "
+                            f"create it or fix {key}") from None
+        raise UserError(f"{key}: not found: {redact(url)}; check the path "
+                        f"(for s3:// the bucket, the key and AWS_ENDPOINT_URL)") from None
+    except PermissionError as e:
+        raise UserError(f"{key}: access denied to {redact(url)} ({first_line(e)}); "
+                        f"check the credentials in the environment ({CREDENTIALS})") from None
+    except (ValueError, ImportError) as e:  # unknown protocol, missing filesystem package, bad options
+        raise UserError(f"{key}: cannot use {redact(url)}: {first_line(e)}") from None
+    except OSError as e:
+        verb = "write to" if writing else "read"
+        raise UserError(f"{key}: cannot {verb} {redact(url)}: {first_line(e)}") from None
+    except Exception as e:  # the object-store client's own errors (no credentials, unreachable endpoint)
+        raise storage_error(e, key, url) from None
