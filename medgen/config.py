@@ -108,6 +108,11 @@ class TrainConfig:
     keep_checkpoints: int = opt(2, "Complete checkpoints kept in <run.dir>/checkpoints (newest first).")
     deepspeed: str = opt("", "DeepSpeed config JSON (e.g. configs/deepspeed/zero2.json); '' = plain DDP.")
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward (saves memory, costs ~30% speed).")
+    model_dropout: Optional[float] = opt(
+        0.0, "Dropout inside the frozen base model while fine-tuning (GPT-2 ships 0.1); null keeps the model's own. "
+        "0 as in torchtune and litgpt: lora.dropout regularises the adapter, and attention runs fused "
+        "(bench/RESULTS.md)."
+    )
     logging_steps: int = opt(1, "Log loss, lr and tokens/s every N steps.")
     merge: bool = opt(False, "Also save the merged model (base + adapter) as safetensors in <run.dir>/merged.")
     sft_args: dict[str, Any] = opt({}, "Pass-through for any other trl.SFTConfig field.")
@@ -362,6 +367,8 @@ def _check(cfg: Config) -> list[str]:
         p.append(f"eval.stride: must be < eval.context ({e.stride} >= {e.context})")
     if not 0.0 <= cfg.lora.dropout < 1.0:
         p.append(f"lora.dropout: must be in [0, 1) (got {cfg.lora.dropout})")
+    if cfg.train.model_dropout is not None and not 0.0 <= cfg.train.model_dropout < 1.0:
+        p.append(f"train.model_dropout: must be in [0, 1) or null (got {cfg.train.model_dropout})")
     p += _check_generate(g)
     if not cfg.run.dir:
         p.append("run.dir: must not be empty")

@@ -155,6 +155,20 @@ def load_model(name_or_path: str, revision: str = "", dtype: torch.dtype = torch
         ) from None
 
 
+def set_dropout(model, p: float) -> int:
+    """Set every dropout probability inside ``model`` to ``p``; the number of places changed.
+
+    Modules, not the config: they read their probability at construction (nn.Dropout) or keep a float
+    (``attention_dropout`` in Llama-style attention), and the saved config stays the model's own."""
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p, changed = p, changed + 1
+        elif isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout, changed = p, changed + 1
+    return changed
+
+
 def lora_targets(model, configured: list[str]) -> tuple[list[str] | str, bool]:
     """(target_modules, fan_in_fan_out) for this architecture unless the config names targets."""
     default, fan_in_fan_out = LORA_DEFAULTS.get(model.config.model_type, ("all-linear", False))

@@ -159,8 +159,7 @@ def _callbacks(run_dir: Path, dataset: PackedStream, collator, signals: Signals,
             if state.is_world_process_zero:
                 (ckpt / "medgen.json").write_text(json.dumps({"step": state.global_step, "world_size": args.world_size}))
                 final = ckpt.with_name(f"step-{state.global_step}")
-                shutil.rmtree(final, ignore_errors=True)
-                os.rename(ckpt, final)  # the commit point: only step-N dirs are ever resumed from
+                replace_dir(ckpt, final)  # the commit point: only step-N dirs are ever resumed from
                 for old in _complete_checkpoints(ckpt.parent)[:-keep]:
                     shutil.rmtree(old, ignore_errors=True)
                 log.info("checkpoint %s saved", final)
@@ -247,6 +246,8 @@ def build_trainer(cfg: Config):
     except ValueError as e:
         raise UserError(f"train: {e}") from None
     model = models.load_model(cfg.model.name_or_path, cfg.model.revision, torch.float32)
+    if t.model_dropout is not None:  # before peft adds its own (lora.dropout) modules
+        models.set_dropout(model, t.model_dropout)
     targets, fan_in_fan_out = models.lora_targets(model, cfg.lora.target_modules)
     peft_config = LoraConfig(
         r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, target_modules=targets,
@@ -327,12 +328,7 @@ def _save_atomic(trainer, target: Path) -> None:
         return
     for extra in ("training_args.bin", "README.md"):
         (tmp / extra).unlink(missing_ok=True)
-    old = target.with_name(target.name + ".old")
-    if target.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(target, old)
-    os.rename(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp, target)
 
 
 def _save_merged(peft_model, tok, target: Path) -> None:
@@ -340,7 +336,18 @@ def _save_merged(peft_model, tok, target: Path) -> None:
 
     merged = copy.deepcopy(peft_model).merge_and_unload()
     tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
     merged.save_pretrained(str(tmp), safe_serialization=True)
     tok.save_pretrained(str(tmp))
-    shutil.rmtree(target, ignore_errors=True)
+    replace_dir(tmp, target)
+
+
+def replace_dir(tmp: Path, target: Path) -> None:
+    """Move a finished directory into place. The old one is renamed aside first (a directory cannot be
+    renamed over a non-empty one), so at every moment either the old or the new copy is complete."""
+    old = target.with_name(target.name + ".old")
+    if target.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(target, old)
     os.rename(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)

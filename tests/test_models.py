@@ -18,3 +18,19 @@ def test_tiny_gpt2_uses_the_gpt2_architecture_and_conv1d_lora_defaults():
 def test_builtin_is_materialised_once_and_fingerprinted():
     a = models.model_fingerprint("tiny-gpt2")
     assert a.startswith("sha256:") and a == models.model_fingerprint("tiny-gpt2")
+
+
+def test_set_dropout_reaches_every_dropout_and_keeps_the_config():
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=64))  # pdrop 0.1 everywhere
+    llama = LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                         hidden_size=32, intermediate_size=64, vocab_size=64, attention_dropout=0.1))
+    for model in (gpt2, llama):
+        assert models.set_dropout(model, 0.0) > 0
+        model.train()  # dropout would make two passes differ
+        ids = torch.randint(0, 64, (2, 16))
+        with torch.no_grad():
+            assert torch.equal(model(ids).logits, model(ids).logits)
+    assert gpt2.config.attn_pdrop == 0.1 and llama.config.attention_dropout == 0.1  # saved config untouched
