@@ -3,7 +3,8 @@
 Useful tokens = tokens that carry a loss (not padding). Both trainers are timed from the end of their
 first optimizer step to the end of the last, so start-up and the first step's warm-up are excluded.
 
-    python bench/bench_train.py                      # CPU: 2 cores, fp32 vs TRL defaults
+    python bench/bench_train.py                      # CPU: medgen (precision auto) vs TRL defaults
+    python bench/bench_train.py --only trl --trl fp32,fp32-nockpt,fp32-nockpt-packed   # where TRL's time goes
     python bench/bench_train.py --device cuda        # GPU: bf16, 1024 tokens, MFU against 790 TFLOP/s
 """
 from __future__ import annotations
@@ -80,7 +81,18 @@ def run_medgen(cfg_overrides: list[str], steps: int) -> float:
     return clock.rate()
 
 
-def run_trl_defaults(model_dir: Path, texts: list[str], steps: int, batch: int, max_length: int, device: str) -> float:
+# TRL baselines: SFTConfig defaults, then one default at a time switched off, to show where the time goes.
+TRL_VARIANTS = {
+    "defaults": {},
+    "fp32": {"bf16": False},
+    "fp32-nockpt": {"bf16": False, "gradient_checkpointing": False},
+    "fp32-nockpt-packed": {"bf16": False, "gradient_checkpointing": False, "packing": True,
+                           "packing_strategy": "wrapped"},
+}
+
+
+def run_trl(model_dir: Path, texts: list[str], steps: int, batch: int, max_length: int, device: str,
+            overrides: dict) -> tuple[float, bool, bool]:
     import datasets
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -92,9 +104,10 @@ def run_trl_defaults(model_dir: Path, texts: list[str], steps: int, batch: int, 
     ds = datasets.Dataset.from_dict({"text": texts})
     args = SFTConfig(output_dir=tempfile.mkdtemp(), max_steps=steps, per_device_train_batch_size=batch,
                      max_length=max_length, use_cpu=device == "cpu", report_to=[], save_strategy="no",
-                     logging_steps=1000, disable_tqdm=True)
-    peft = LoraConfig(r=16, lora_alpha=32, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True,
-                      task_type="CAUSAL_LM")
+                     logging_steps=1000, disable_tqdm=True, **overrides)
+    # the same adapter as medgen's run: r 16, alpha 32, dropout 0.05 (also `trl sft`'s default lora_dropout)
+    peft = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=["c_attn", "c_proj", "c_fc"],
+                      fan_in_fan_out=True, task_type="CAUSAL_LM")
     ref = [None]
     clock = StepClock(ref, lambda t: t._total_train_tokens)
     trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=peft,
@@ -114,6 +127,8 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="extra medgen config override, e.g. train.sft_args={torch_compile: true}")
     ap.add_argument("--sample", type=Path, default=SAMPLE, help="Kaggle-schema CSV of real articles")
+    ap.add_argument("--trl", default="defaults", help=f"comma-separated TRL baselines: {', '.join(TRL_VARIANTS)}")
+    ap.add_argument("--trl-steps", type=int, default=0, help="steps per TRL baseline (default: --steps)")
     args = ap.parse_args()
     os.environ["HF_HUB_OFFLINE"] = "1"
     if not args.sample.exists():
@@ -130,21 +145,29 @@ def main() -> None:
     for f in sorted((data / "train").glob("*.parquet")):
         t = pq.read_table(f, columns=["title", "text"]).to_pylist()
         texts += [f"{r['title']}\n\n{r['text']}" for r in t]
-    precision = "bf16" if args.device == "cuda" else "fp32"
+    from medgen.train import cpu_has_fast_bf16
+
+    # what `medgen train` picks (precision auto): fp32 on a CPU without avx512_bf16/AMX, where bf16 is emulated
+    precision = "bf16" if args.device == "cuda" or cpu_has_fast_bf16() else "fp32"
     ours = trl = None
     if args.only in ("both", "medgen"):
         ours = run_medgen([f"run.dir={work / 'run'}", f"data.shards={data}", f"model.name_or_path={model_dir}",
                            f"train.batch_size={args.batch}", f"train.max_length={args.max_length}",
                            f"train.precision={precision}", "train.logging_steps=1000", "lora.dropout=0.05",
                            "train.warmup_steps=1", *args.set], args.steps)
+    baselines = {}
     if args.only in ("both", "trl"):
-        trl, bf16, ckpt = run_trl_defaults(model_dir, texts, args.steps, args.batch, args.max_length, args.device)
+        for name in args.trl.split(","):
+            rate, bf16, ckpt = run_trl(model_dir, texts, args.trl_steps or args.steps, args.batch, args.max_length,
+                                       args.device, TRL_VARIANTS[name])
+            baselines[name] = {"tokens_per_s": rate, "bf16": bf16, "gradient_checkpointing": ckpt}
     res = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
            "threads": torch.get_num_threads(), "batch": args.batch, "max_length": args.max_length,
            "steps": args.steps, "medgen_precision": precision, "medgen_tokens_per_s": ours,
-           "trl_defaults_tokens_per_s": trl, "overrides": args.set}
-    if ours and trl:
-        res["speedup"] = ours / trl
+           "trl": baselines, "overrides": args.set}
+    if ours:
+        for b in baselines.values():
+            b["medgen_speedup"] = ours / b["tokens_per_s"]
     if args.device == "cuda" and ours and args.max_length == 1024:
         # LoRA SFT of GPT-2 124M at 1024 tokens: ~554 MFLOP per token (shared/notes/device-facts.md)
         res["mfu"] = ours * 554e6 / PEAK_FLOPS
