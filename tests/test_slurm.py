@@ -14,7 +14,7 @@ from medgen import config
 from medgen.errors import ConfigError, UserError
 from medgen.launch import slurm
 from tests.conftest import ROOT, medgen
-from tests.test_train import _adapter, _max_diff
+from tests.test_train import _adapter, _max_diff, _samples
 
 STEPS = 12
 # Local (1 process, batch 4) and SLURM (2 tasks, batch 2) see the same global batches: data_streams=2 fixes
@@ -59,15 +59,6 @@ def _close(a, b, rel: float) -> bool:
     if isinstance(a, float):
         return a == pytest.approx(b, rel=rel)
     return a == b
-
-
-def _samples(run: Path) -> dict[str, list[list[str]]]:
-    out = {}
-    for f in sorted((run / "samples").glob("rank-*.jsonl")):
-        recs = [json.loads(x) for x in f.read_text().splitlines()]
-        assert [r["step"] for r in recs] == list(range(1, STEPS + 1)), f"{f}: steps missing or repeated"
-        out[f.name] = [r["samples"] for r in recs]
-    return out
 
 
 def _outputs(run: Path) -> set[str]:
@@ -148,7 +139,7 @@ def test_training_ran_as_two_slurm_tasks_on_disjoint_data(pipelines):
         assert f"rank {rank} of 2" in Path(path).read_text()
     assert "2 processes, 2 data streams" in Path(train["logs"][0]).read_text()
 
-    s2, s1 = _samples(run), _samples(local)["rank-00000.jsonl"]
+    s2, s1 = _samples(run, STEPS), _samples(local, STEPS)["rank-00000.jsonl"]
     r0, r1 = s2["rank-00000.jsonl"], s2["rank-00001.jsonl"]
     assert not {x for step in r0 for x in step} & {x for step in r1 for x in step}  # disjoint blocks
     assert [sorted(a) for a in s1] == [sorted(a + b) for a, b in zip(r0, r1)]  # together: the local batches
@@ -175,7 +166,7 @@ def test_preemption_requeues_and_resumes_to_the_uninterrupted_adapter(pipelines,
     assert len(resumed) == 1 and 2 <= int(resumed[0]) < STEPS, "the signal should land mid-training"
     assert "Requeued job" in log_text
     assert _max_diff(_adapter(run), _adapter(reference)) <= 1e-6
-    assert _samples(run) == _samples(reference)  # no block trained twice or skipped
+    assert _samples(run, STEPS) == _samples(reference, STEPS)  # no block trained twice or skipped
 
 
 @pytest.mark.slurm

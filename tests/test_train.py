@@ -54,11 +54,12 @@ def _max_diff(a, b):
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
-def _samples(run_dir):
+def _samples(run_dir, steps: int = STEPS):
+    """Each rank's log of the sample ids it trained on, step by step; every step 1..steps exactly once."""
     out = {}
     for f in sorted((run_dir / "samples").glob("rank-*.jsonl")):
         recs = [json.loads(x) for x in f.read_text().splitlines()]
-        assert [r["step"] for r in recs] == list(range(1, STEPS + 1)), f"{f}: steps missing or repeated"
+        assert [r["step"] for r in recs] == list(range(1, steps + 1)), f"{f}: steps missing or repeated"
         out[f.name] = [r["samples"] for r in recs]
     return out
 
