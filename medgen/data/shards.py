@@ -17,7 +17,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from medgen.data.storage import redact, storage_error, storage_errors
+from medgen.data.storage import first_line, redact, storage_error, storage_errors
 from medgen.data.split import SPLITS
 from medgen.errors import UserError
 
@@ -41,7 +41,7 @@ def filesystem(url: str, storage_options: dict) -> tuple[fsspec.AbstractFileSyst
     try:
         return fsspec.core.url_to_fs(url, **storage_options)
     except (ValueError, ImportError) as e:
-        raise UserError(f"cannot use {redact(url)}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"cannot use {redact(url)}: {first_line(e)}") from None
 
 
 def _storage_errors(method):
