@@ -55,6 +55,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-length", type=int, default=256, help="train.max_length (tokens per packed block)")
     p.add_argument("--batch-size", type=int, default=4, help="train.batch_size")
     p.add_argument("--lr", type=float, default=1e-3, help="train.learning_rate")
+    p.add_argument("--rank", type=int, default=16, help="lora.r (alpha = 2 x rank)")
+    p.add_argument("--lora-dropout", type=float, default=0.05, help="lora.dropout (0 skips a copy of every "
+                   "adapted layer's input: ~23%% faster steps on CPU)")
     p.add_argument("--no-record", action="store_true", help="print only; do not append to bench/RESULTS.md")
     return p.parse_args(argv)
 
@@ -77,8 +80,8 @@ def common(args, run_dir: Path) -> list[str]:
 def train_overrides(args, steps: int) -> list[str]:
     return [f"train.max_steps={steps}", f"train.batch_size={args.batch_size}", f"train.max_length={args.max_length}",
             f"train.learning_rate={args.lr}", "train.lr_scheduler=cosine", f"train.warmup_steps={min(10, steps // 10)}",
-            "train.seed=42", "train.precision=auto", "train.logging_steps=1", "lora.r=16", "lora.alpha=32",
-            "lora.dropout=0.05"]
+            "train.seed=42", "train.precision=auto", "train.logging_steps=1", f"lora.r={args.rank}",
+            f"lora.alpha={2 * args.rank}", f"lora.dropout={args.lora_dropout}"]
 
 
 def seconds_per_step(run_dir: Path) -> float:
@@ -148,7 +151,7 @@ def summarise(args, m: dict, log: list[str], steps: int, sps: float, train_min: 
         f"## quality — {args.model} — {datetime.date.today().isoformat()}",
         "",
         f"- machine: {machine()}; command: `{cmd.strip()}`",
-        f"- LoRA r=16 alpha 32, {steps} steps x {args.batch_size}x{args.max_length} packed tokens, lr {args.lr} "
+        f"- LoRA r={args.rank} alpha {2 * args.rank} dropout {args.lora_dropout}, {steps} steps x {args.batch_size}x{args.max_length} packed tokens, lr {args.lr} "
         f"cosine{calib}; training {train_min:.1f} min, whole benchmark {total_min:.1f} min",
         f"- evaluated: {b['articles']} test articles in full, {b['tokens']} predicted tokens, "
         f"{m['method']} context {m['context']} stride {m['stride']}",
