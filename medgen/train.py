@@ -270,9 +270,26 @@ def build_trainer(cfg: Config):
                                                num_workers=0, pin_memory=torch.cuda.is_available(),
                                                generator=torch.Generator())
 
+        def create_optimizer(self, model=None):
+            if t.loraplus_lr_ratio and self.optimizer is None:
+                self.optimizer = loraplus_optimizer(self, self.model if model is None else model, t.loraplus_lr_ratio)
+            return super().create_optimizer(model)
+
     trainer = MedgenSFTTrainer(model=model, args=args, train_dataset=as_hf_iterable(dataset), processing_class=tok,
                                peft_config=peft_config, data_collator=collator)
     return trainer, dataset, collator, dict(precision=precision, targets=targets, streams=streams, tok=tok)
+
+
+def loraplus_optimizer(trainer, model, ratio: float) -> torch.optim.Optimizer:
+    """The trainer's own optimizer class and settings, with lora_B in a group of its own at a higher rate."""
+    t_args = trainer.args
+    cls, kwargs = trainer.get_optimizer_cls_and_kwargs(t_args, model)
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    b = [p for n, p in trainable if ".lora_B." in n]
+    rest = [p for n, p in trainable if ".lora_B." not in n]
+    groups = [{"params": rest, "weight_decay": t_args.weight_decay},
+              {"params": b, "weight_decay": t_args.weight_decay, "lr": t_args.learning_rate * ratio}]
+    return cls(groups, **kwargs)
 
 
 def run(cfg: Config) -> dict[str, Any]:

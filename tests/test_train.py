@@ -15,6 +15,7 @@ from tests.conftest import ROOT, medgen
 
 pytestmark = pytest.mark.slow
 STEPS = 8
+DROPOUT = "lora.dropout=0.05"  # the resume runs keep LoRA dropout on: resuming must restore its RNG too
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +74,7 @@ def _steps_done(run_dir) -> int:
 def reference(tmp_path_factory, shards):
     """Uninterrupted runs (LoRA dropout on, so resuming must restore the RNG too)."""
     base = tmp_path_factory.mktemp("ref")
-    return {n: _run(n, base / f"p{n}", shards, f"train.batch_size={4 // n}") for n in (1, 2)}
+    return {n: _run(n, base / f"p{n}", shards, f"train.batch_size={4 // n}", DROPOUT) for n in (1, 2)}
 
 
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path, shards):
@@ -100,7 +101,8 @@ def _kill9_tree(pid: int) -> None:
 
 
 def _interrupt(nproc, run_dir, shards, how):
-    extra = [f"train.batch_size={4 // nproc}", "train.save_steps=2" if how == "kill9" else "train.save_steps=0"]
+    extra = [f"train.batch_size={4 // nproc}", DROPOUT,
+             "train.save_steps=2" if how == "kill9" else "train.save_steps=0"]
     stop_at = random.Random(f"{nproc}{how}").randint(2, STEPS - 2)
     proc = subprocess.Popen(_cmd(nproc, run_dir, shards, *extra), cwd=ROOT, env=_env(), start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -138,6 +140,19 @@ def test_checkpoints_keep_the_last_k_complete(tmp_path, shards):
     for name in ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth",
                  "trainer_state.json", "stream-rank-00000.json", "medgen.json"):
         assert (run / "checkpoints" / "step-8" / name).exists(), name
+
+
+def test_loraplus_moves_b_at_ratio_times_the_rate(tmp_path, shards):
+    # One AdamW step from B = 0: A gets no gradient yet and each B entry moves by its group's rate (Adam's first
+    # step is lr * g / |g|), so max |B| is the rate itself.
+    one_step = ["train.max_steps=1", "train.warmup_steps=0", "train.lr_scheduler=constant", "lora.dropout=0"]
+    plain = _adapter(_run(1, tmp_path / "plain", shards, *one_step))
+    plus = _adapter(_run(1, tmp_path / "plus", shards, *one_step, "train.loraplus_lr_ratio=4"))
+    lr = 1e-3  # configs/tiny.yaml
+    b_max = {name: max(t[k].abs().max().item() for k in t if "lora_B" in k) for name, t in (("plain", plain),
+                                                                                            ("plus", plus))}
+    assert b_max["plain"] == pytest.approx(lr, rel=1e-3) and b_max["plus"] == pytest.approx(4 * lr, rel=1e-3)
+    assert all((plain[k] == plus[k]).all() for k in plain if "lora_A" in k)
 
 
 def test_zero2_on_cpu_with_two_processes_saves_an_adapter_that_reloads(tmp_path, shards):
