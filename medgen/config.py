@@ -84,6 +84,10 @@ class LoraConfig:
         "input (steps 23% faster on CPU, bench/RESULTS.md); 0.05-0.1 against overfitting many epochs of little data."
     )
     target_modules: list[str] = opt([], "Modules to adapt; empty = architecture default (GPT-2: c_attn, c_proj, c_fc).")
+    top_layers: int = opt(
+        0, "Adapt only the top N transformer blocks (0 = all). Backward then stops at the lowest adapted block: "
+        "fewer FLOPs per token, at some cost in what the adapter can learn."
+    )
 
 
 @dataclass
@@ -363,7 +367,7 @@ def _check(cfg: Config) -> list[str]:
         "lora.r": cfg.lora.r, "train.keep_checkpoints": t.keep_checkpoints,
     }
     p += [f"{k}: must be > 0 (got {v})" for k, v in positive.items() if v <= 0]
-    non_negative = {"train.save_steps": t.save_steps, "train.data_streams": t.data_streams,
+    non_negative = {"lora.top_layers": cfg.lora.top_layers, "train.save_steps": t.save_steps, "train.data_streams": t.data_streams,
                     "train.loraplus_lr_ratio": t.loraplus_lr_ratio, "eval.max_articles": e.max_articles,
                     "eval.top_tags": e.top_tags, "eval.threads": e.threads}
     p += [f"{k}: must be >= 0 (got {v})" for k, v in non_negative.items() if v < 0]

@@ -175,6 +175,23 @@ def lora_targets(model, configured: list[str]) -> tuple[list[str] | str, bool]:
     return (configured or default), fan_in_fan_out
 
 
+def linear_names(model) -> list[str]:
+    """Names of the linear layers in the blocks (what peft's "all-linear" means), for when a list is required."""
+    out = model.get_output_embeddings()
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                   if isinstance(m, torch.nn.Linear) and m is not out})
+
+
+def top_layers(model, n: int) -> list[int] | None:
+    """Indices of the top n transformer blocks (None = every block, peft's default)."""
+    if not n:
+        return None
+    total = model.config.num_hidden_layers
+    if n > total:
+        raise UserError(f"lora.top_layers: {n} > the {total} blocks of {model.config.model_type}")
+    return list(range(total - n, total))
+
+
 def tokenizer_fingerprint(tok) -> str:
     """Hash of the full tokenizer definition: shards and model must agree on it."""
     blob = tok.backend_tokenizer.to_str() if getattr(tok, "is_fast", False) else json.dumps(tok.get_vocab(), sort_keys=True)

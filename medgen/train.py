@@ -249,9 +249,12 @@ def build_trainer(cfg: Config):
     if t.model_dropout is not None:  # before peft adds its own (lora.dropout) modules
         models.set_dropout(model, t.model_dropout)
     targets, fan_in_fan_out = models.lora_targets(model, cfg.lora.target_modules)
+    if cfg.lora.top_layers and targets == "all-linear":  # peft takes layer indices only with a list of names
+        targets = models.linear_names(model)
     peft_config = LoraConfig(
         r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, target_modules=targets,
         fan_in_fan_out=fan_in_fan_out, bias="none", task_type="CAUSAL_LM",
+        layers_to_transform=models.top_layers(model, cfg.lora.top_layers),
     )
     collator = RecordingCollator()
     # peft initialises LoRA A inside SFTTrainer's constructor: seed first, or every process and every

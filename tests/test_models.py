@@ -34,3 +34,18 @@ def test_set_dropout_reaches_every_dropout_and_keeps_the_config():
         with torch.no_grad():
             assert torch.equal(model(ids).logits, model(ids).logits)
     assert gpt2.config.attn_pdrop == 0.1 and llama.config.attention_dropout == 0.1  # saved config untouched
+
+
+def test_linear_names_and_top_layers_on_a_llama():
+    import pytest
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from medgen.errors import UserError
+
+    llama = LlamaForCausalLM(LlamaConfig(num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1,
+                                         hidden_size=32, intermediate_size=64, vocab_size=64))
+    assert models.linear_names(llama) == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj",
+                                          "v_proj"]  # no lm_head
+    assert models.top_layers(llama, 0) is None and models.top_layers(llama, 3) == [1, 2, 3]
+    with pytest.raises(UserError, match="lora.top_layers: 5 > the 4 blocks of llama"):
+        models.top_layers(llama, 5)

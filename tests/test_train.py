@@ -155,6 +155,14 @@ def test_loraplus_moves_b_at_ratio_times_the_rate(tmp_path, shards):
     assert all((plain[k] == plus[k]).all() for k in plain if "lora_A" in k)
 
 
+def test_top_layers_adapts_only_the_top_blocks(tmp_path, shards):
+    adapter = _adapter(_run(1, tmp_path / "top", shards, "train.max_steps=1", "lora.top_layers=1"))
+    blocks = {k.split(".h.")[1].split(".")[0] for k in adapter}  # tiny-gpt2: transformer.h.<i>.
+    assert blocks == {"1"}, sorted(adapter)
+    assert {k.split(".h.1.")[1].rsplit(".lora_", 1)[0] for k in adapter} == {"attn.c_attn", "attn.c_proj",
+                                                                              "mlp.c_fc", "mlp.c_proj"}
+
+
 def test_zero2_on_cpu_with_two_processes_saves_an_adapter_that_reloads(tmp_path, shards):
     from peft import PeftModel
 
