@@ -151,8 +151,9 @@ def summarise(args, m: dict, log: list[str], steps: int, sps: float, train_min: 
         f"## quality — {args.model} — {datetime.date.today().isoformat()}",
         "",
         f"- machine: {machine()}; command: `{cmd.strip()}`",
-        f"- LoRA r={args.rank} alpha {2 * args.rank} dropout {args.lora_dropout}, {steps} steps x {args.batch_size}x{args.max_length} packed tokens, lr {args.lr} "
-        f"cosine{calib}; training {train_min:.1f} min, whole benchmark {total_min:.1f} min",
+        f"- LoRA r={args.rank} alpha {2 * args.rank} dropout {args.lora_dropout}, {steps} steps x "
+        f"{args.batch_size}x{args.max_length} packed tokens, lr {args.lr} cosine{calib}; "
+        f"training {train_min:.1f} min, whole benchmark {total_min:.1f} min",
         f"- evaluated: {b['articles']} test articles in full, {b['tokens']} predicted tokens, "
         f"{m['method']} context {m['context']} stride {m['stride']}",
         "",

@@ -367,8 +367,8 @@ def _check(cfg: Config) -> list[str]:
         "lora.r": cfg.lora.r, "train.keep_checkpoints": t.keep_checkpoints,
     }
     p += [f"{k}: must be > 0 (got {v})" for k, v in positive.items() if v <= 0]
-    non_negative = {"lora.top_layers": cfg.lora.top_layers, "train.save_steps": t.save_steps, "train.data_streams": t.data_streams,
-                    "train.loraplus_lr_ratio": t.loraplus_lr_ratio, "eval.max_articles": e.max_articles,
+    non_negative = {"lora.top_layers": cfg.lora.top_layers, "train.save_steps": t.save_steps,
+                    "train.data_streams": t.data_streams, "train.loraplus_lr_ratio": t.loraplus_lr_ratio, "eval.max_articles": e.max_articles,
                     "eval.top_tags": e.top_tags, "eval.threads": e.threads}
     p += [f"{k}: must be >= 0 (got {v})" for k, v in non_negative.items() if v < 0]
     if t.deepspeed and not os.path.isfile(t.deepspeed):

@@ -169,10 +169,14 @@ def set_dropout(model, p: float) -> int:
     return changed
 
 
-def lora_targets(model, configured: list[str]) -> tuple[list[str] | str, bool]:
-    """(target_modules, fan_in_fan_out) for this architecture unless the config names targets."""
+def lora_targets(model, configured: list[str], listed: bool = False) -> tuple[list[str] | str, bool]:
+    """(target_modules, fan_in_fan_out) for this architecture unless the config names targets; ``listed``
+    spells "all-linear" out as names (peft takes layer indices only with a list)."""
     default, fan_in_fan_out = LORA_DEFAULTS.get(model.config.model_type, ("all-linear", False))
-    return (configured or default), fan_in_fan_out
+    targets = configured or default
+    if listed and targets == "all-linear":
+        targets = linear_names(model)
+    return targets, fan_in_fan_out
 
 
 def linear_names(model) -> list[str]:

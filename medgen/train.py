@@ -248,9 +248,7 @@ def build_trainer(cfg: Config):
     model = models.load_model(cfg.model.name_or_path, cfg.model.revision, torch.float32)
     if t.model_dropout is not None:  # before peft adds its own (lora.dropout) modules
         models.set_dropout(model, t.model_dropout)
-    targets, fan_in_fan_out = models.lora_targets(model, cfg.lora.target_modules)
-    if cfg.lora.top_layers and targets == "all-linear":  # peft takes layer indices only with a list of names
-        targets = models.linear_names(model)
+    targets, fan_in_fan_out = models.lora_targets(model, cfg.lora.target_modules, listed=bool(cfg.lora.top_layers))
     peft_config = LoraConfig(
         r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, target_modules=targets,
         fan_in_fan_out=fan_in_fan_out, bias="none", task_type="CAUSAL_LM",

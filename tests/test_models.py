@@ -46,6 +46,8 @@ def test_linear_names_and_top_layers_on_a_llama():
                                          hidden_size=32, intermediate_size=64, vocab_size=64))
     assert models.linear_names(llama) == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj",
                                           "v_proj"]  # no lm_head
+    assert models.lora_targets(llama, [])[0] == "all-linear"
+    assert models.lora_targets(llama, [], listed=True)[0] == models.linear_names(llama)
     assert models.top_layers(llama, 0) is None and models.top_layers(llama, 3) == [1, 2, 3]
     with pytest.raises(UserError, match="lora.top_layers: 5 > the 4 blocks of llama"):
         models.top_layers(llama, 5)
