@@ -30,11 +30,12 @@ $(STAMP): pyproject.toml Makefile
 demo: install
 	$(VENV)/bin/medgen run --config configs/demo.yaml
 
-# A single-node SLURM cluster with accounting (slurm/cluster.sh; installs the Debian packages the first
-# time, as root). Exit code 3 = SLURM cannot be installed here: the SLURM tests then skip (never in CI,
-# where MEDGEN_REQUIRE_SLURM=1). The moto S3 server is started by tests/conftest.py itself.
+# A real two-node SLURM cluster with accounting and fake GPUs, each node its own network namespace
+# (slurm/cluster.sh; installs the Debian packages the first time, as root). Exit code 3 = SLURM cannot run
+# here: the SLURM tests then skip (never in CI, where MEDGEN_REQUIRE_SLURM=1). The moto S3 server is
+# started by tests/conftest.py itself.
 services:
-	slurm/cluster.sh up || [ $$? -eq 3 ]
+	slurm/cluster.sh up --nodes 2 || [ $$? -eq 3 ]
 
 services-down:
 	slurm/cluster.sh down

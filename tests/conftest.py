@@ -91,32 +91,42 @@ def _slurm_conf(env_sh: Path) -> str:
     return out.stdout.strip()
 
 
-def _sinfo_ok(conf: str) -> bool:
+def _sinfo_nodes(conf: str) -> int:
+    """How many nodes of the cluster SLURM_CONF names are up (0 when it does not answer)."""
     try:
-        return subprocess.run(["sinfo", "-h"], capture_output=True, timeout=30,
-                              env={**os.environ, "SLURM_CONF": conf}).returncode == 0
+        out = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True, timeout=30,
+                             env={**os.environ, "SLURM_CONF": conf})
     except (OSError, subprocess.TimeoutExpired):
-        return False
+        return 0
+    return sum(s.rstrip("*") in ("idle", "mixed", "allocated", "completing") for s in out.stdout.split())
 
 
-@pytest.fixture(scope="session")
-def slurm_cluster() -> dict:
-    """The local SLURM cluster (slurm/cluster.sh; `make test` starts it first, this starts it otherwise).
+def local_cluster(nodes: int) -> str:
+    """SLURM_CONF of slurm/cluster.sh's cluster of that many nodes, brought up (or back) if needed.
 
-    Sources its env.sh (SLURM_CONF) into os.environ, so the CLI, sbatch and the jobs all find it. Skips
-    only where SLURM cannot be installed (cluster.sh exit 3), and never in CI (CI or MEDGEN_REQUIRE_SLURM set).
+    Skips only where SLURM cannot run here (cluster.sh exit 3), never in CI (CI or MEDGEN_REQUIRE_SLURM set).
     """
-    env_sh = Path(os.environ.get("MEDGEN_INFRA", "/tmp/medgen-infra")) / "slurm" / "env.sh"
-    if not _sinfo_ok(_slurm_conf(env_sh)):
-        up = subprocess.run(["bash", str(ROOT / "slurm" / "cluster.sh"), "up"], capture_output=True, text=True,
-                            timeout=900)
+    env_sh = Path(os.environ.get("MEDGEN_INFRA", "/tmp/medgen-infra")) / f"slurm-{nodes}node" / "env.sh"
+    if _sinfo_nodes(_slurm_conf(env_sh)) != nodes:  # not up, or a node left down by a test
+        up = subprocess.run(["bash", str(ROOT / "slurm" / "cluster.sh"), "up", "--nodes", str(nodes)],
+                            capture_output=True, text=True, timeout=900)
         if up.returncode == 3:
-            reason = f"SLURM cannot be installed on this machine: {up.stderr.strip()}"
+            reason = f"SLURM cannot run on this machine: {up.stderr.strip()}"
             if os.environ.get("CI") or os.environ.get("MEDGEN_REQUIRE_SLURM"):
                 pytest.fail(reason + " (CI/MEDGEN_REQUIRE_SLURM is set: the SLURM tests must run)")
             pytest.skip(reason)
         assert up.returncode == 0, f"slurm/cluster.sh up failed:\n{up.stdout[-3000:]}\n{up.stderr[-3000:]}"
     conf = _slurm_conf(env_sh)
-    assert _sinfo_ok(conf), f"sinfo fails with SLURM_CONF={conf}: see the logs in {Path(conf).parent / 'log'}"
+    assert _sinfo_nodes(conf) == nodes, f"sinfo fails with SLURM_CONF={conf}: see the logs in {Path(conf).parent / 'log'}"
+    return conf
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> dict:
+    """The two-node SLURM cluster of slurm/cluster.sh (`make test` starts it first; this starts it otherwise).
+
+    Puts its SLURM_CONF into os.environ, so the CLI, sbatch and the jobs all find it.
+    """
+    conf = local_cluster(2)
     os.environ["SLURM_CONF"] = conf
-    return {"conf": conf}
+    return {"conf": conf, "nodes": 2}

@@ -12,6 +12,7 @@ step boundary, then submitit's handler requeues the job, and the rerun resumes f
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import logging
@@ -26,7 +27,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn, Sequence
+from typing import Any, Iterator, NoReturn, Sequence
 
 import submitit
 import yaml
@@ -44,6 +45,8 @@ ROOT = Path(medgen.__file__).resolve().parents[1]
 PROFILES = ROOT / "slurm" / "profiles"
 DISTRIBUTED = ("train", "evaluate", "generate")
 REQUEUE_WAIT_S = 300  # how long non-zero ranks wait for rank 0 to requeue the job before giving up
+# which cluster sbatch, sacct, scancel and the jobs talk to (a site or host with several selects one by these)
+CLUSTER_SELECTION = ("SLURM_CONF", "SLURM_CLUSTERS")
 FAILED = {"FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
 
 # Every value that reaches an sbatch script matches one of these: no whitespace, quotes, '$' or newline
@@ -239,8 +242,7 @@ def submit(cfg: Config) -> dict[str, Any]:
     snapshot = folder / "config.yaml"  # every stage reads the config as it was at submission
     snapshot.write_text(config.dump_yaml(cfg), encoding="utf-8")
     stages: dict[str, Any] = {}
-    # the SLURM_*/RANK/MASTER_* variables of a job or torchrun we might run inside must not leak into the chain
-    with submitit.helpers.clean_env():
+    with _submission_env():
         for p in plans:
             try:
                 job = _submit_one(p, folder, stages, cfg.slurm.max_requeues, str(snapshot))
@@ -257,6 +259,20 @@ def submit(cfg: Config) -> dict[str, Any]:
     path.with_suffix(".tmp").write_text(json.dumps(info, indent=2))
     os.replace(path.with_suffix(".tmp"), path)
     return info
+
+
+@contextlib.contextmanager
+def _submission_env() -> Iterator[None]:
+    """The environment sbatch runs in (and the jobs inherit): no SLURM_*/RANK/MASTER_* variables of a job or
+    torchrun we might run inside, but the ones that choose the cluster, which submitit's clean_env drops too."""
+    keep = {k: os.environ[k] for k in CLUSTER_SELECTION if k in os.environ}
+    with submitit.helpers.clean_env():
+        os.environ.update(keep)
+        try:
+            yield
+        finally:
+            for k in keep:
+                os.environ.pop(k, None)  # clean_env puts back what it took, these included
 
 
 def _submit_one(p: StagePlan, folder: Path, done: dict[str, Any], max_requeues: int, config_path: str):
