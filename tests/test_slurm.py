@@ -1,7 +1,10 @@
-"""The SLURM executor on a real local cluster (slurm/cluster.sh): sbatch, srun, sacct and scontrol are the
-real ones, the jobs run the real stages on tiny-gpt2. The chain against --executor local, training as 2
-SLURM tasks, preemption + requeue + exact resume, a failing stage, and what reaches an sbatch script."""
+"""The SLURM executor on a real two-node cluster (slurm/cluster.sh up --nodes 2: each node its own network and
+UTS namespace, fake GPUs through GRES): sbatch, srun, sacct and scontrol are the real ones, the jobs run the
+real stages on tiny-gpt2. The chain across two nodes against --executor local, a GPU-shaped profile, a lost
+node, preemption + requeue + exact resume, a failing stage, two clusters side by side, and what reaches an
+sbatch script."""
 import json
+import os
 import re
 import subprocess
 import time
@@ -13,11 +16,11 @@ import yaml
 from medgen import config
 from medgen.errors import ConfigError, UserError
 from medgen.launch import slurm
-from tests.conftest import ROOT, medgen
+from tests.conftest import ROOT, local_cluster, medgen
 from tests.test_train import _adapter, _max_diff, _samples
 
 STEPS = 12
-# Local (1 process, batch 4) and SLURM (2 tasks, batch 2) see the same global batches: data_streams=2 fixes
+# Local (1 process, batch 4) and SLURM (2 tasks on 2 nodes, batch 2) see the same global batches: data_streams=2 fixes
 # the data order whatever the process count, and dropout 0 takes the per-rank dropout RNG out. What is left
 # is the order of float sums (DDP averages two half-batch gradients): adapters agree to ~1e-7, asserted 1e-5.
 COMMON = ["--config", "configs/tiny.yaml", f"train.max_steps={STEPS}", "train.data_streams=2", "lora.dropout=0"]
@@ -28,20 +31,21 @@ def _jobs(run: Path) -> dict:
     return json.loads((run / "slurm" / "jobs.json").read_text())
 
 
-def _sacct(run: Path, *extra: str, fields: str = "JobID,State,Start,End") -> list[dict]:
+def _sacct(run: Path, *extra: str, fields: str = "JobID,State,Start,End", conf: str | None = None) -> list[dict]:
     info = _jobs(run)
     ids = ",".join(s["job_id"] for s in info["stages"].values())
+    env = {**os.environ, **({"SLURM_CONF": conf} if conf else {})}
     out = subprocess.run(["sacct", "-X", "-n", "-P", "-S", info["submitted"], "-o", fields, "-j", ids, *extra],
-                         capture_output=True, text=True, check=True).stdout
+                         capture_output=True, text=True, check=True, env=env).stdout
     return [dict(zip(fields.split(","), ln.split("|"))) for ln in out.splitlines()]
 
 
-def _wait(run: Path, timeout: float = 900) -> dict[str, dict]:
+def _wait(run: Path, timeout: float = 900, conf: str | None = None) -> dict[str, dict]:
     """Stage -> its sacct record, once every stage has finished (sacct lags 1-2 s behind squeue)."""
     stages = _jobs(run)["stages"]
     deadline = time.time() + timeout
     while True:
-        recs = {r["JobID"]: r for r in _sacct(run)}
+        recs = {r["JobID"]: r for r in _sacct(run, conf=conf, fields="JobID,State,Start,End,NodeList,Cluster")}
         by_stage = {k: recs.get(s["job_id"], {"State": "?"}) for k, s in stages.items()}
         if all(r["State"].split()[0] not in ACTIVE for r in by_stage.values()):
             return by_stage
@@ -63,9 +67,9 @@ def _close(a, b, rel: float) -> bool:
 
 def _outputs(run: Path) -> set[str]:
     """Every file of the output contract. Left out, as they differ by design with the process layout: the
-    per-rank sample logs and generation parts, tensorboard event files (host/pid/time in the name), and
-    SLURM's own folder."""
-    skip = re.compile(r"^(slurm/|samples/rank-|generations/part-|tensorboard/events)")
+    per-rank sample logs, placements and generation parts, tensorboard event files (host/pid/time in the
+    name), and SLURM's own folder."""
+    skip = re.compile(r"^(slurm/|ranks/|samples/rank-|generations/part-|tensorboard/events)")
     return {str(p.relative_to(run)) for p in run.rglob("*") if p.is_file() and not skip.match(str(p.relative_to(run)))}
 
 
@@ -127,22 +131,63 @@ def test_chain_completes_in_order_with_the_outputs_of_a_local_run(pipelines):
     assert (run / "report" / "report.md").stat().st_size > 0
 
 
+def _nodes() -> dict[str, str]:
+    """The cluster's nodes as slurmctld knows them: name -> address."""
+    out = subprocess.run(["scontrol", "show", "node", "-o"], capture_output=True, text=True, check=True).stdout
+    return dict(re.search(r"NodeName=(\S+) .*NodeAddr=(\S+)", ln).groups() for ln in out.splitlines())
+
+
+def _placements(run: Path, stage: str, world: int) -> list[dict]:
+    return [json.loads((run / "ranks" / f"{stage}-rank-{r:05d}.json").read_text()) for r in range(world)]
+
+
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_training_ran_as_two_slurm_tasks_on_disjoint_data(pipelines):
+def test_every_distributed_stage_ran_one_rank_on_each_of_two_nodes(pipelines):
     run, local = pipelines["slurm"], pipelines["local"]
-    train = _jobs(run)["stages"]["train"]
-    step = subprocess.run(["sacct", "-n", "-P", "-o", "NTasks", "-j", f"{train['job_id']}.0"],
-                          capture_output=True, text=True, check=True).stdout.split()
-    assert step == ["2"], "the training step should be one srun step of 2 tasks"
-    for rank, path in enumerate(train["logs"]):
-        assert f"rank {rank} of 2" in Path(path).read_text()
-    assert "2 processes, 2 data streams" in Path(train["logs"][0]).read_text()
+    nodes = _nodes()
+    assert len(nodes) == 2 and len(set(nodes.values())) == 2, nodes  # sinfo: two nodes, two addresses
+    stages = _jobs(run)["stages"]
+    for stage in slurm.DISTRIBUTED:
+        step = subprocess.run(["sacct", "-n", "-P", "-o", "NTasks,NNodes", "-j", f"{stages[stage]['job_id']}.0"],
+                              capture_output=True, text=True, check=True).stdout.split()
+        assert step == ["2|2"], f"{stage}: one srun step of 2 tasks on 2 nodes"
+        where = _placements(run, stage, 2)
+        assert {w["host"]: w["ip"] for w in where} == nodes, (stage, where)  # two hostnames, two IPs
+        for w, path in zip(where, stages[stage]["logs"]):
+            assert f"rank {w['rank']} of 2 on {w['host']} ({w['ip']}), cpu" in Path(path).read_text()
+    assert "2 processes, 2 data streams" in Path(stages["train"]["logs"][0]).read_text()
 
     s2, s1 = _samples(run, STEPS), _samples(local, STEPS)["rank-00000.jsonl"]
     r0, r1 = s2["rank-00000.jsonl"], s2["rank-00001.jsonl"]
     assert not {x for step in r0 for x in step} & {x for step in r1 for x in step}  # disjoint blocks
     assert [sorted(a) for a in s1] == [sorted(a + b) for a, b in zip(r0, r1)]  # together: the local batches
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_a_gpu_shaped_profile_runs_one_task_per_fake_gpu(pipelines, tmp_path):
+    run = tmp_path / "gpu"
+    medgen("run", "--executor", "slurm", *COMMON, "train.max_steps=4", "train.data_streams=4", f"run.dir={run}",
+           f"data.shards={pipelines['slurm'] / 'data'}", "slurm.profile=local-gpu", "slurm.nodes=2",
+           "slurm.stages=[train,evaluate,generate,report]")
+    states = _wait(run)
+    assert {k: r["State"] for k, r in states.items()} == {k: "COMPLETED" for k in states}, states
+    train = _jobs(run)["stages"]["train"]["job_id"]
+    tres = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "AllocTRES", "-j", train], capture_output=True,
+                          text=True, check=True).stdout
+    assert "gres/gpu=4" in tres, tres  # slurmctld allocated 2 GPUs on each of the 2 nodes
+    for stage in slurm.DISTRIBUTED:
+        where = _placements(run, stage, 4)
+        by_host: dict[str, set] = {}
+        for w in where:
+            assert w["device"] == "cpu"  # torch sees no CUDA behind the fake devices
+            by_host.setdefault(w["host"], set()).add((w["local_rank"], w["gpu"]))
+        assert by_host == {h: {(0, "0"), (1, "1")} for h in _nodes()}, (stage, where)  # its own GPU each
+    assert json.loads((run / "eval" / "metrics.json").read_text())["world_size"] == 4
+    keys = [[(g["id"], g.get("sample", 0)) for g in map(json.loads, (r / "generations" / "generations.jsonl").open())]
+            for r in (run, pipelines["local"])]
+    assert keys[0] == keys[1] and len(set(keys[0])) == len(keys[0])  # every prompt exactly once
 
 
 @pytest.mark.slurm
@@ -167,6 +212,57 @@ def test_preemption_requeues_and_resumes_to_the_uninterrupted_adapter(pipelines,
     assert "Requeued job" in log_text
     assert _max_diff(_adapter(run), _adapter(reference)) <= 1e-6
     assert _samples(run, STEPS) == _samples(reference, STEPS)  # no block trained twice or skipped
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
+    except OSError:
+        return False
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_a_lost_node_fails_the_job_which_is_requeued_and_resumes_exactly(pipelines, tmp_path):
+    run, reference = tmp_path / "lost", pipelines["slurm"]
+    medgen("run", "--executor", "slurm", *COMMON, f"run.dir={run}", f"data.shards={reference / 'data'}",
+           "slurm.stages=[train]", "train.save_steps=2")
+    info = _jobs(run)
+    deadline = time.time() + 600
+    while not list((run / "checkpoints").glob("step-*")):
+        assert time.time() < deadline, "no checkpoint was committed"
+        time.sleep(0.1)
+    first = _placements(run, "train", 2)
+    lost, survivor = first[1], first[0]
+    crash = subprocess.run(["bash", str(ROOT / "slurm" / "cluster.sh"), "crash", lost["host"], "--nodes", "2"],
+                           capture_output=True, text=True, check=True)
+    t_crash = time.time()
+
+    # SLURM notices (SlurmdTimeout), fails the job with NODE_FAIL and requeues it; it waits for two nodes
+    deadline = time.time() + 180
+    while "NODE_FAIL" not in {r["State"] for r in _sacct(run, "--duplicates", fields="JobID,State")}:
+        assert time.time() < deadline, f"no NODE_FAIL after {crash.stdout}"
+        time.sleep(1)
+    t_fail = time.time()
+    deadline = time.time() + 30  # the survivor must not sit in a collective past its job's life (KillWait=5)
+    while _running(survivor["pid"]):
+        assert time.time() < deadline, f"rank 0 (pid {survivor['pid']}) still runs {time.time() - t_fail:.0f} s after NODE_FAIL"
+        time.sleep(0.5)
+    pending = subprocess.run(["squeue", "-h", "-o", "%T", "-j", info["stages"]["train"]["job_id"]],
+                             capture_output=True, text=True).stdout.split()
+    assert pending == ["PENDING"], pending  # requeued, not left failed
+
+    local_cluster(2)  # the node comes back (cluster.sh up restarts its slurmd; ReturnToService=2)
+    assert _wait(run)["train"]["State"] == "COMPLETED"
+    history = [r["State"] for r in _sacct(run, "--duplicates", fields="JobID,State")]
+    assert history == ["NODE_FAIL", "COMPLETED"], history
+    log_text = Path(info["stages"]["train"]["logs"][0]).read_text()
+    resumed = [int(n) for n in re.findall(r"resuming from \S+/step-(\d+)", log_text)]
+    assert len(resumed) == 1 and 2 <= resumed[0] < STEPS, resumed  # a committed step-N, never a partial one
+    assert "Requeued job" not in log_text  # SLURM requeued it; nothing signalled the job again
+    assert _max_diff(_adapter(run), _adapter(reference)) <= 1e-5
+    assert _samples(run, STEPS) == _samples(reference, STEPS)  # the steps after step-N were redone, once
+    assert t_fail - t_crash < 120
 
 
 @pytest.mark.slurm
@@ -210,15 +306,41 @@ def test_a_failed_stage_cancels_its_dependents_and_status_names_it(slurm_cluster
 
 
 @pytest.mark.slurm
-def test_sbatch_refusal_is_one_line_and_leaves_nothing_queued(slurm_cluster, tmp_path):
-    profile = tmp_path / "p.yaml"
-    profile.write_text(yaml.safe_dump({"partition": "nosuchpartition", "tasks_per_node": 2}))
+@pytest.mark.parametrize("profile, refusal", [
+    ({"partition": "nosuchpartition"}, "sbatch refused the prepare stage (1 node(s) x 1 task(s), partition "
+                                       "nosuchpartition): invalid partition specified: nosuchpartition"),
+    ({"gpus_per_node": 3}, "sbatch refused the train stage (2 node(s) x 3 task(s), 3 GPU(s) per node, partition "
+                           "debug): Requested node configuration is not available"),
+    ({"nodes": 3}, "sbatch refused the train stage (3 node(s) x 1 task(s), partition debug): Requested node "
+                   "configuration is not available"),
+])
+def test_what_the_cluster_cannot_give_is_refused_in_one_line_before_anything_is_queued(slurm_cluster, tmp_path,
+                                                                                         profile, refusal):
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({"partition": "debug", "nodes": 2, **profile}))
     before = subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout
-    proc = medgen("run", "--executor", "slurm", *COMMON, f"run.dir={tmp_path / 'r'}", f"slurm.profile={profile}",
+    proc = medgen("run", "--executor", "slurm", *COMMON, f"run.dir={tmp_path / 'r'}", f"slurm.profile={path}",
                   check=False)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "sbatch refused the prepare stage" in proc.stderr and "partition" in proc.stderr
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [f"medgen: error: {refusal}"], proc.stderr
     assert subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout == before
+    assert not (tmp_path / "r").exists()  # nothing submitted, nothing written
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_slurm_conf_chooses_the_cluster_for_sbatch_sacct_and_the_jobs(slurm_cluster, tmp_path):
+    confs = {"one": local_cluster(1), "two": slurm_cluster["conf"]}  # two clusters up on this host
+    for name, conf in confs.items():
+        medgen("run", "--executor", "slurm", *COMMON, f"run.dir={tmp_path / name}", "slurm.stages=[prepare]",
+               "slurm.nodes=1", env={"SLURM_CONF": conf})
+    for name, conf in confs.items():
+        rec = _wait(tmp_path / name, conf=conf)["prepare"]
+        cluster = Path(conf).read_text().split("ClusterName=")[1].split()[0]
+        nodes = subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True, check=True,
+                               env={**os.environ, "SLURM_CONF": conf}).stdout.split()
+        assert (rec["State"], rec["Cluster"]) == ("COMPLETED", cluster) and rec["NodeList"] in nodes, (name, rec)
+        status = medgen("status", str(tmp_path / name), env={"SLURM_CONF": conf})  # sacct on the same cluster
+        assert "COMPLETED" in status.stdout
 
 
 # --------------------------------------------------------------------------- no cluster needed
@@ -233,8 +355,8 @@ def test_dry_run_prints_the_sbatch_scripts_and_submits_nothing(tmp_path):
     assert "--dependency" not in by_stage["prepare"]
     assert "#SBATCH --dependency='afterok:<prepare job id>'" in by_stage["train"]
     for stage, text in by_stage.items():
-        tasks = 2 if stage in slurm.DISTRIBUTED else 1
-        assert f"#SBATCH --ntasks-per-node={tasks}" in text, stage
+        nodes = 2 if stage in slurm.DISTRIBUTED else 1
+        assert f"#SBATCH --nodes={nodes}" in text and "#SBATCH --ntasks-per-node=1" in text, stage
         for line in ("#SBATCH --kill-on-invalid-dep=yes", "#SBATCH --requeue", "#SBATCH --signal=USR2@90",
                      "#SBATCH --partition=debug", f"export PYTHONPATH={ROOT}", "--kill-on-bad-exit=1"):
             assert line in text, (stage, line)
@@ -274,7 +396,7 @@ def test_cli_reports_profile_mistakes_one_line_each(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 2 and any("partition" in x for x in lines) and any("timeout_min" in x for x in lines)
     missing = medgen("run", "--executor", "slurm", "--dry-run", "slurm.profile=nope", check=False)
-    assert missing.returncode == 2 and "known: gpu-example, local" in missing.stderr
+    assert missing.returncode == 2 and "known: gpu-example, local, local-gpu" in missing.stderr
 
 
 def test_slurm_config_is_checked():

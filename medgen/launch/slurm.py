@@ -237,12 +237,14 @@ def submit(cfg: Config) -> dict[str, Any]:
         raise UserError("no sbatch/srun here: submit from a SLURM login node, or start the local cluster "
                         "(slurm/cluster.sh up); --dry-run prints the scripts without SLURM")
     _refuse_active_chain(cfg.run.dir)
-    submitted = time.strftime("%Y-%m-%dT%H:%M:%S")  # before the first job: sacct -S in `medgen status`
-    folder.mkdir(parents=True)
-    snapshot = folder / "config.yaml"  # every stage reads the config as it was at submission
-    snapshot.write_text(config.dump_yaml(cfg), encoding="utf-8")
     stages: dict[str, Any] = {}
     with _submission_env():
+        for p in plans:
+            _test_only(p, folder)
+        submitted = time.strftime("%Y-%m-%dT%H:%M:%S")  # before the first job: sacct -S in `medgen status`
+        folder.mkdir(parents=True)
+        snapshot = folder / "config.yaml"  # every stage reads the config as it was at submission
+        snapshot.write_text(config.dump_yaml(cfg), encoding="utf-8")
         for p in plans:
             try:
                 job = _submit_one(p, folder, stages, cfg.slurm.max_requeues, str(snapshot))
@@ -259,6 +261,28 @@ def submit(cfg: Config) -> dict[str, Any]:
     path.with_suffix(".tmp").write_text(json.dumps(info, indent=2))
     os.replace(path.with_suffix(".tmp"), path)
     return info
+
+
+def _test_only(p: StagePlan, folder: Path) -> None:
+    """Ask slurmctld whether it could ever run this stage as planned (``sbatch --test-only`` queues nothing),
+    so that what the cluster cannot give (GPUs, nodes, a partition) is refused before any stage is queued."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    script = _make_sbatch_string(command=_command(folder), folder=folder, **p.params)
+    out = subprocess.run(["sbatch", "--test-only"], input=script, capture_output=True, text=True, timeout=120)
+    if out.returncode != 0:
+        lines = [ln.strip() for ln in out.stderr.splitlines() if ln.strip()] or [f"exit code {out.returncode}"]
+        errors = [ln.split("error:", 1)[1].strip() for ln in lines if "error:" in ln]
+        reason = errors[0] if errors else lines[-1].removeprefix("allocation failure:").strip()
+        raise UserError(f"sbatch refused the {p.stage} stage ({_ask(p)}): {reason}")
+
+
+def _ask(p: StagePlan) -> str:
+    q = p.params
+    ask = f"{q['nodes']} node(s) x {q['ntasks_per_node']} task(s)"
+    if q.get("gpus_per_node"):
+        ask += f", {q['gpus_per_node']} GPU(s) per node"
+    return ask + (f", partition {q['partition']}" if q.get("partition") else "")
 
 
 @contextlib.contextmanager
@@ -391,10 +415,15 @@ class StageJob(submitit.helpers.Checkpointable):
     stage = ""
 
     def __call__(self, config_path: str, overrides: Sequence[str] = ()) -> Any:
+        from medgen import dist
         from medgen.launch import local
 
         _setup_task(self.stage in DISTRIBUTED)
         cfg = config.load_config(config_path, list(overrides))
+        if self.stage in DISTRIBUTED:
+            where = dist.record_placement(cfg.run.dir, self.stage)
+            log.info("rank %d of %d on %s (%s), %s%s", where["rank"], where["world_size"], where["host"],
+                     where["ip"], where["device"], f", GPU {where['gpu']} of this node" if where["gpu"] else "")
         try:
             return local.run_stage(self.stage, cfg)
         except Exception as e:
