@@ -1,8 +1,9 @@
 """SLURM executor latency: seconds from `medgen run --executor slurm` to the first training step on the
-local cluster (slurm/cluster.sh up), against the same pipeline with `--executor local` (the baseline).
+local clusters (slurm/cluster.sh up --nodes N; brought up here if needed), against the same pipeline with
+`--executor local` (the baseline), for each node count asked.
 
-    python bench/bench_slurm.py                 # 3 runs each, appended to bench/RESULTS.md
-    python bench/bench_slurm.py --repeats 1 --no-write
+    python bench/bench_slurm.py                 # 1 and 2 nodes, 3 runs each, appended to bench/RESULTS.md
+    python bench/bench_slurm.py --nodes 2 --repeats 1 --no-write
 
 The first training step is the first line of <run.dir>/samples/rank-00000.jsonl (written when step 1
 ends); the run is stopped right after (scancel / kill). The SLURM breakdown comes from sacct (1 s
@@ -27,14 +28,14 @@ GOAL_S = 60.0
 CONFIG = ["--config", "configs/tiny.yaml"]
 
 
-def _slurm_env() -> dict:
-    env_sh = Path(os.environ.get("MEDGEN_INFRA", "/tmp/medgen-infra")) / "slurm" / "env.sh"
-    conf = subprocess.run(["bash", "-c", f"source {env_sh} 2>/dev/null && echo $SLURM_CONF"], capture_output=True,
-                          text=True).stdout.strip()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", **({"SLURM_CONF": conf} if conf else {})}
-    if subprocess.run(["sinfo", "-h"], env=env, capture_output=True).returncode != 0:
-        sys.exit("no SLURM cluster answers: run `slurm/cluster.sh up` (or `make services`) first")
-    return env
+def _slurm_env(nodes: int) -> dict:
+    """The environment for the cluster of that many nodes (SLURM_CONF), started if it is not up."""
+    env_sh = Path(os.environ.get("MEDGEN_INFRA", "/tmp/medgen-infra")) / f"slurm-{nodes}node" / "env.sh"
+    subprocess.run(["bash", str(ROOT / "slurm" / "cluster.sh"), "up", "--nodes", str(nodes)], check=True,
+                   stdout=subprocess.DEVNULL)
+    conf = subprocess.run(["bash", "-c", f"source {env_sh} && echo $SLURM_CONF"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "SLURM_CONF": conf}
 
 
 def _wait_first_step(run: Path, deadline_s: float = 900) -> float:
@@ -53,10 +54,11 @@ def _sacct_times(ids: list[str], env: dict) -> dict[str, tuple[float, float]]:
     return {j: (stamp(a), stamp(b)) for j, a, b in (ln.split("|") for ln in out.splitlines())}
 
 
-def one_slurm(env: dict, base: Path) -> dict[str, float]:
+def one_slurm(env: dict, base: Path, nodes: int) -> dict[str, float]:
     run = base / f"slurm-{time.time_ns()}"
     t0 = time.time()
-    subprocess.run([sys.executable, "-m", "medgen", "run", "--executor", "slurm", *CONFIG, f"run.dir={run}", "-q"],
+    subprocess.run([sys.executable, "-m", "medgen", "run", "--executor", "slurm", *CONFIG, f"run.dir={run}",
+                    f"slurm.nodes={nodes}", "-q"],
                    cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
     t_submitted = time.time()
     t_first = _wait_first_step(run)
@@ -91,43 +93,51 @@ def _summary(values: list[float]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--nodes", default="1,2", help="node counts to measure, each on its own local cluster")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-write", action="store_true", help="print only; do not append to bench/RESULTS.md")
     args = ap.parse_args()
-    env = _slurm_env()
+    sizes = [int(n) for n in args.nodes.split(",")]
+    envs = {n: _slurm_env(n) for n in sizes}
     load0 = os.getloadavg()[0]
-    runs = []
+    local: list[float] = []
+    slurm: dict[int, list[dict[str, float]]] = {n: [] for n in sizes}
     with tempfile.TemporaryDirectory(prefix="bench-slurm-") as tmp:
-        for i in range(args.repeats):
-            runs.append((one_local(env, Path(tmp)), one_slurm(env, Path(tmp))))
-            print(f"run {i + 1}: local {runs[-1][0]['total']:.1f} s, slurm {runs[-1][1]['total']:.1f} s "
-                  f"to the first training step", file=sys.stderr, flush=True)
+        for i in range(args.repeats):  # interleaved, so that a busier minute hits every variant alike
+            local.append(one_local(envs[sizes[0]], Path(tmp))["total"])
+            for n in sizes:
+                slurm[n].append(one_slurm(envs[n], Path(tmp), n))
+            print(f"run {i + 1}: local {local[-1]:.1f} s; " + ", ".join(
+                f"{n} node(s) {slurm[n][-1]['total']:.1f} s" for n in sizes) + " to the first training step",
+                file=sys.stderr, flush=True)
     load1 = os.getloadavg()[0]
-    local = [r[0]["total"] for r in runs]
-    slurm = {k: [r[1][k] for r in runs] for k in runs[0][1]}
+    col = {n: {k: [r[k] for r in slurm[n]] for k in slurm[n][0]} for n in sizes}
     model = next((ln.split(":", 1)[1].strip() for ln in subprocess.run(["lscpu"], capture_output=True, text=True)
                   .stdout.splitlines() if ln.startswith("Model name")), "?")
-    ok = statistics.median(slurm["total"]) <= GOAL_S
+    ok = all(statistics.median(col[n]["total"]) <= GOAL_S for n in sizes)
+    row = lambda label, key: f"| {label} | " + " | ".join(_summary(col[n][key]) for n in sizes) + " |"  # noqa: E731
+    busy = " (shared machine: other work was running)" if max(load0, load1) > 1.5 else ""
     text = "\n".join([
         f"## SLURM executor: `medgen run` to the first training step — {dt.date.today().isoformat()}",
         "",
-        f"- machine: {model}, {os.cpu_count()} cores; load average {load0:.1f} at start, {load1:.1f} at the end "
-        "(shared machine: other work was running)" if max(load0, load1) > 1.5 else
-        f"- machine: {model}, {os.cpu_count()} cores; load average {load0:.1f} at start, {load1:.1f} at the end",
-        "- cluster: slurm/cluster.sh (one node, sched_interval=5, bf_interval=2), profile `local` (train: 2 tasks)",
-        f"- command: `python bench/bench_slurm.py --repeats {args.repeats}` (config `configs/tiny.yaml`)",
+        f"- machine: {model}, {os.cpu_count()} cores; load average {load0:.1f} at start, {load1:.1f} at the end{busy}",
+        "- clusters: `slurm/cluster.sh up --nodes N` (each node a network + UTS namespace on this machine, "
+        "sched_interval=5, bf_interval=2), profile `local` with `slurm.nodes=N` (train: one task per node)",
+        f"- command: `python bench/bench_slurm.py --nodes {args.nodes} --repeats {args.repeats}` "
+        "(config `configs/tiny.yaml`)",
         "",
-        "| seconds after `medgen run` (median of %d, min, max) | value |" % args.repeats,
-        "|---|---|",
-        f"| baseline: `--executor local`, first training step | {_summary(local)} |",
-        f"| `--executor slurm` returned (5 jobs submitted) | {_summary(slurm['submit'])} |",
-        f"| prepare job started (sacct) | {_summary(slurm['prepare_start'])} |",
-        f"| prepare job ended (sacct) | {_summary(slurm['prepare_end'])} |",
-        f"| train job started (sacct) | {_summary(slurm['train_start'])} |",
-        f"| **`--executor slurm`, first training step** | **{_summary(slurm['total'])}** |",
+        f"| seconds after `medgen run` (median of {args.repeats}, min, max) | "
+        + " | ".join(f"{n} node(s)" for n in sizes) + " |",
+        "|---|" + "---|" * len(sizes),
+        "| baseline: `--executor local`, first training step | " + " | ".join(_summary(local) for _ in sizes) + " |",
+        row("`--executor slurm` returned (5 jobs checked and submitted)", "submit"),
+        row("prepare job started (sacct)", "prepare_start"),
+        row("prepare job ended (sacct)", "prepare_end"),
+        row("train job started (sacct)", "train_start"),
+        row("**`--executor slurm`, first training step**", "total"),
         "",
-        f"SLURM / local: {statistics.median(slurm['total']) / statistics.median(local):.2f}x; "
-        f"goal <= {GOAL_S:.0f} s: {'met' if ok else 'NOT met'}.",
+        "SLURM / local: " + ", ".join(f"{n} node(s) {statistics.median(col[n]['total']) / statistics.median(local):.2f}x"
+                                      for n in sizes) + f"; goal <= {GOAL_S:.0f} s: {'met' if ok else 'NOT met'}.",
         "",
     ])
     print(text)
