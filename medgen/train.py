@@ -51,10 +51,42 @@ def resolve_precision(precision: str) -> str:
     return "bf16" if cpu_has_fast_bf16() else "fp32"
 
 
+def deepspeed_requested(t) -> bool:
+    """train.deepspeed, or a DeepSpeed preset of ``accelerate launch`` (it sets ACCELERATE_USE_DEEPSPEED)."""
+    from accelerate.utils import parse_flag_from_env
+
+    return bool(t.deepspeed) or parse_flag_from_env("ACCELERATE_USE_DEEPSPEED")
+
+
+def deepspeed_cpu_state() -> None:
+    """Start accelerate's shared state for DeepSpeed on a machine without GPUs, with gloo.
+
+    accelerate's CPU mode (use_cpu, ACCELERATE_USE_CPU) switches DeepSpeed off without a word and trains
+    plain DDP; without it, accelerate finds no backend on a CPU-only machine and every rank believes it is
+    alone. So: DeepSpeed's comm on gloo first, and the Trainer reuses this state (use_configured_state)."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    if parse_flag_from_env("ACCELERATE_USE_CPU"):
+        raise UserError("DeepSpeed does not run with ACCELERATE_USE_CPU set (accelerate would train plain DDP "
+                        "instead); unset it: without a GPU medgen runs DeepSpeed on the CPU itself")
+    if "LOCAL_RANK" not in os.environ:  # gloo needs the process group a launcher describes
+        raise UserError("DeepSpeed on CPU: start medgen with torchrun or accelerate launch")
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    state = PartialState(backend="gloo")
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if state.num_processes != launched:
+        raise RuntimeError(f"launched as {launched} processes but accelerate sees {state.num_processes}")
+
+
 def sft_config(cfg: Config, precision: str):
     from trl import SFTConfig
 
     t = cfg.train
+    cpu = not torch.cuda.is_available()
+    deepspeed = deepspeed_requested(t)
+    if cpu and deepspeed:
+        deepspeed_cpu_state()
     args: dict[str, Any] = dict(
         output_dir=str(Path(cfg.run.dir) / "checkpoints"),
         max_steps=t.max_steps,
@@ -70,7 +102,7 @@ def sft_config(cfg: Config, precision: str):
         # SFTConfig's own defaults (bf16=True, gradient_checkpointing=True, lr 2e-5) are overridden on purpose
         bf16=precision == "bf16",
         fp16=precision == "fp16",
-        use_cpu=not torch.cuda.is_available(),
+        use_cpu=cpu and not deepspeed,  # accelerate's CPU mode would drop DeepSpeed (deepspeed_cpu_state)
         gradient_checkpointing=t.gradient_checkpointing,
         logging_steps=t.logging_steps,
         report_to=["tensorboard"],
@@ -87,6 +119,8 @@ def sft_config(cfg: Config, precision: str):
     )
     if t.deepspeed:
         args["deepspeed"] = t.deepspeed
+    if cpu and deepspeed:
+        args["accelerator_config"] = {"use_configured_state": True}
     args.update(t.sft_args)
     return SFTConfig(**args)
 
@@ -278,6 +312,8 @@ def build_trainer(cfg: Config):
 
     trainer = MedgenSFTTrainer(model=model, args=args, train_dataset=as_hf_iterable(dataset), processing_class=tok,
                                peft_config=peft_config, data_collator=collator)
+    if deepspeed_requested(t) and not trainer.is_deepspeed_enabled:  # never train plain DDP in its place
+        raise UserError("train: DeepSpeed was asked for, but accelerate set up training without it")
     return trainer, dataset, collator, dict(precision=precision, targets=targets, streams=streams, tok=tok)
 
 
@@ -328,7 +364,7 @@ def run(cfg: Config) -> dict[str, Any]:
     adapter_dir = run_dir / "adapter"
     _save_atomic(trainer, adapter_dir)
     if t.merge and trainer.is_world_process_zero():
-        _save_merged(trainer.model, info["tok"], run_dir / "merged")
+        _save_merged(cfg, adapter_dir, info["tok"], run_dir / "merged")
     trainer.accelerator.wait_for_everyone()
     return {"train_loss": result.training_loss, "steps": result.global_step, "precision": info["precision"],
             "adapter": str(adapter_dir)}
@@ -349,10 +385,17 @@ def _save_atomic(trainer, target: Path) -> None:
     replace_dir(tmp, target)
 
 
-def _save_merged(peft_model, tok, target: Path) -> None:
-    import copy
+def _save_merged(cfg: Config, adapter_dir: Path, tok, target: Path) -> None:
+    """Base + the saved adapter, merged (rank 0). From the files, not the training model: under ZeRO-3 that
+    holds only this rank's shards of every weight, and merging it saved empty tensors."""
+    from peft import PeftModel
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-    merged = copy.deepcopy(peft_model).merge_and_unload()
+    unset_hf_deepspeed_config()  # training is over: load the base whole, not sharded by ZeRO-3's zero.Init
+    base = models.load_model(cfg.model.name_or_path, cfg.model.revision, torch.float32)
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    # the tokenizer saved beside it pads with eos; the config says so, as it did during training
+    merged.config.pad_token_id = merged.generation_config.pad_token_id = tok.pad_token_id
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     merged.save_pretrained(str(tmp), safe_serialization=True)
