@@ -135,6 +135,7 @@ class Signals:
 
     def __init__(self):
         self.preempt = False
+        self.received = ""  # the preemption signal this process got ('' = none: another rank's stopped us)
         self.save_now = False
         self.previous: dict[int, Any] = {}
 
@@ -149,6 +150,7 @@ class Signals:
 
     def _on_preempt(self, signum, frame) -> None:
         self.preempt = True
+        self.received = self.received or signal.Signals(signum).name
 
     def _on_save(self, signum, frame) -> None:
         self.save_now = True
@@ -181,6 +183,9 @@ def _callbacks(run_dir: Path, dataset: PackedStream, collator, signals: Signals,
                 control.should_save = True
                 signals.save_now = False
             if preempt:
+                if not self.preempted and signals.received:  # which rank (node) got what, for the job's log
+                    log.warning("rank %d received %s: checkpointing at step %d, then stopping", args.process_index,
+                                signals.received, state.global_step)
                 control.should_training_stop = True
                 self.preempted = True
             return control
@@ -359,7 +364,8 @@ def run(cfg: Config) -> dict[str, Any]:
     finally:
         signals.uninstall()
     if step_cb.preempted:
-        raise Preempted(f"train: stopped by a signal at step {trainer.state.global_step}; "
+        raise Preempted(f"train: stopped by a signal ({signals.received or 'sent to another rank'}) at step "
+                        f"{trainer.state.global_step}; "
                         f"checkpoint saved in {ckpt_dir}; rerun the same command to resume")
     adapter_dir = run_dir / "adapter"
     _save_atomic(trainer, adapter_dir)

@@ -205,6 +205,11 @@ def test_preemption_requeues_and_resumes_to_the_uninterrupted_adapter(pipelines,
     assert _wait(run)["train"]["State"] == "COMPLETED"
     history = [r["State"] for r in _sacct(run, "--duplicates", fields="JobID,State")]
     assert history == ["REQUEUED", "COMPLETED"], history
+    # the rerun's stage step is <job>.1 (after one short step .0): a signal still queued in slurmctld for the
+    # first run's step <job>.0 cannot reach it
+    steps = subprocess.run(["sacct", "--duplicates", "-n", "-P", "-o", "JobID,State", "-j", job_id],
+                           capture_output=True, text=True, check=True).stdout.split()
+    assert steps[-2:] == [f"{job_id}.0|COMPLETED", f"{job_id}.1|COMPLETED"], steps
     log_text = Path(info["stages"]["train"]["logs"][0]).read_text()
     resumed = re.findall(r"resuming from \S+/step-(\d+)", log_text)
     assert len(resumed) == 1 and 2 <= int(resumed[0]) < STEPS, "the signal should land mid-training"
@@ -259,6 +264,10 @@ def test_a_lost_node_fails_the_job_which_is_requeued_and_resumes_exactly(pipelin
     resumed = [int(n) for n in re.findall(r"resuming from \S+/step-(\d+)", log_text)]
     assert len(resumed) == 1 and 2 <= resumed[0] < STEPS, resumed  # a committed step-N, never a partial one
     assert "stopped by a signal" not in log_text and "Requeued job" not in log_text
+    job_id = info["stages"]["train"]["job_id"]  # the rerun's training step skipped the step id of the first run
+    steps = subprocess.run(["sacct", "--duplicates", "-n", "-P", "-o", "JobID,State", "-j", job_id],
+                           capture_output=True, text=True, check=True).stdout.split()
+    assert steps[-2:] == [f"{job_id}.0|COMPLETED", f"{job_id}.1|COMPLETED"], steps
     assert _max_diff(_adapter(run), _adapter(reference)) <= 1e-5
     assert _samples(run, STEPS) == _samples(reference, STEPS)  # the steps after step-N were redone, once
     assert t_fail - t_crash < 120
@@ -354,11 +363,14 @@ def test_dry_run_prints_the_sbatch_scripts_and_submits_nothing(tmp_path):
     assert "--dependency" not in by_stage["prepare"]
     assert "#SBATCH --dependency='afterok:<prepare job id>'" in by_stage["train"]
     for stage, text in by_stage.items():
-        nodes = 2 if stage in slurm.DISTRIBUTED else 1
+        nodes = 2 if stage in slurm.DISTRIBUTED else 1  # the local profile: 2 nodes x 1 task for those
         assert f"#SBATCH --nodes={nodes}" in text and "#SBATCH --ntasks-per-node=1" in text, stage
         for line in ("#SBATCH --kill-on-invalid-dep=yes", "#SBATCH --requeue", "#SBATCH --signal=USR2@90",
-                     "#SBATCH --partition=debug", f"export PYTHONPATH={ROOT}", "--kill-on-bad-exit=1"):
+                     "#SBATCH --partition=debug", f"export PYTHONPATH={ROOT}", "--kill-on-bad-exit=1",
+                     slurm.SKIP_OLD_STEP_IDS):
             assert line in text, (stage, line)
+        # the short steps that skip an earlier run's step numbers come before the stage's own srun
+        assert text.index(slurm.SKIP_OLD_STEP_IDS) < text.index("srun --unbuffered"), stage
         assert "torchrun" not in text
     assert not run.exists(), "a dry run writes nothing"
 

@@ -45,6 +45,13 @@ ROOT = Path(medgen.__file__).resolve().parents[1]
 PROFILES = ROOT / "slurm" / "profiles"
 DISTRIBUTED = ("train", "evaluate", "generate")
 REQUEUE_WAIT_S = 300  # how long non-zero ranks wait for rank 0 to requeue the job before giving up
+# A requeued job numbers its steps from 0 again. A step signal slurmctld could not deliver because a node was not
+# responding (e.g. srun --kill-on-bad-exit cancelling step N.0 after that node died, before it was marked DOWN)
+# stays queued and is retried every 60 s until the node answers or is DOWN: a node back by then gets it, and it
+# hits the requeued job's step N.0 (SIGCONT+SIGTERM, SIGKILL KillWait later), stopping or failing the resumed run.
+# One short step per earlier run moves this run's srun past every step number an earlier run used.
+SKIP_OLD_STEP_IDS = ('for _ in $(seq "${SLURM_RESTART_COUNT:-0}"); do '
+                     'srun --nodes=1 --ntasks=1 true >/dev/null 2>&1 || true; done')
 # which cluster sbatch, sacct, scancel and the jobs talk to (a site or host with several selects one by these)
 CLUSTER_SELECTION = ("SLURM_CONF", "SLURM_CLUSTERS")
 FAILED = {"FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
@@ -155,7 +162,8 @@ def _sbatch_params(stage: str, cfg: Config, prof: Profile) -> StagePlan:
         "cpus_per_task": prof.cpus_per_task,
         "signal_delay_s": s.signal_delay_s,
         "stderr_to_stdout": True,  # one log per task
-        "setup": [f"export PYTHONPATH={shlex.quote(_checked_path('checkout', ROOT))}${{PYTHONPATH:+:$PYTHONPATH}}"],
+        "setup": [f"export PYTHONPATH={shlex.quote(_checked_path('checkout', ROOT))}${{PYTHONPATH:+:$PYTHONPATH}}",
+                  SKIP_OLD_STEP_IDS],
         # a task that dies kills its step; the others would otherwise wait in a collective until a timeout
         "srun_args": ["--kill-on-bad-exit=1"],
         "additional_parameters": {
@@ -494,7 +502,7 @@ def _hand_over_to_submitit(err: Exception) -> NoReturn:
         raise err
     # a second preemption signal arriving while the handler runs would requeue twice
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2, signal.SIGTERM})
-    log.warning("%s; handing over to submitit to requeue the job", err)
+    log.warning("%s; handing over to submitit to requeue the job (it logs this as SIGUSR2)", err)
     handler(signal.SIGUSR2, None)
     time.sleep(REQUEUE_WAIT_S)
     raise RuntimeError(f"preempted, but rank 0 did not requeue the job within {REQUEUE_WAIT_S} s") from err
