@@ -40,8 +40,9 @@ services:
 services-down:
 	slurm/cluster.sh down
 
+# two workers: the SLURM tests (one group, in order) wait on the scheduler while the other runs the rest
 test: install services
-	$(VENV)/bin/pytest -q tests
+	$(VENV)/bin/pytest -q -n 2 --dist loadgroup tests
 
 test-fast: install
 	$(VENV)/bin/pytest -q -m "not slow" tests

@@ -23,7 +23,9 @@ STEPS = 12
 # Local (1 process, batch 4) and SLURM (2 tasks on 2 nodes, batch 2) see the same global batches: data_streams=2 fixes
 # the data order whatever the process count, and dropout 0 takes the per-rank dropout RNG out. What is left
 # is the order of float sums (DDP averages two half-batch gradients): adapters agree to ~1e-7, asserted 1e-5.
-COMMON = ["--config", "configs/tiny.yaml", f"train.max_steps={STEPS}", "train.data_streams=2", "lora.dropout=0"]
+COMMON = ["--config", "configs/tiny.yaml", f"train.max_steps={STEPS}", "train.data_streams=2", "lora.dropout=0",
+          "data.num_shards=4"]  # 4 shards: the GPU-shaped profile trains on 4 ranks from the same data
+pytestmark = pytest.mark.xdist_group("slurm")  # one worker runs them in order, beside the CPU-bound tests
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING", "?"}
 
 
@@ -47,7 +49,11 @@ def _wait(run: Path, timeout: float = 900, conf: str | None = None) -> dict[str,
     while True:
         recs = {r["JobID"]: r for r in _sacct(run, conf=conf, fields="JobID,State,Start,End,NodeList,Cluster")}
         by_stage = {k: recs.get(s["job_id"], {"State": "?"}) for k, s in stages.items()}
-        if all(r["State"].split()[0] not in ACTIVE for r in by_stage.values()):
+        env = {**os.environ, **({"SLURM_CONF": conf} if conf else {})}
+        queued = subprocess.run(["squeue", "-h", "-o", "%i", "-j", ",".join(s["job_id"] for s in stages.values())],
+                                capture_output=True, text=True, env=env)
+        # a requeued job is queued again while sacct still shows how its last run ended (NODE_FAIL)
+        if not queued.stdout.split() and all(r["State"].split()[0] not in ACTIVE for r in by_stage.values()):
             return by_stage
         if time.time() > deadline:
             pytest.fail(f"chain not finished after {timeout} s:\n{medgen('status', str(run), check=False).stdout}")
@@ -168,8 +174,9 @@ def test_every_distributed_stage_ran_one_rank_on_each_of_two_nodes(pipelines):
 @pytest.mark.slow
 def test_a_gpu_shaped_profile_runs_one_task_per_fake_gpu(pipelines, tmp_path):
     run = tmp_path / "gpu"
-    medgen("run", "--executor", "slurm", *COMMON, "train.max_steps=4", "train.data_streams=4", "data.num_shards=4",
-           f"run.dir={run}", "slurm.profile=local-gpu", "slurm.nodes=2")
+    medgen("run", "--executor", "slurm", *COMMON, "train.max_steps=4", "train.data_streams=4", f"run.dir={run}",
+           f"data.shards={pipelines['slurm'] / 'data'}", "slurm.profile=local-gpu", "slurm.nodes=2",
+           "slurm.stages=[train,evaluate,generate,report]")
     states = _wait(run)
     assert {k: r["State"] for k, r in states.items()} == {k: "COMPLETED" for k in states}, states
     train = _jobs(run)["stages"]["train"]["job_id"]
@@ -326,11 +333,12 @@ def test_what_the_cluster_cannot_give_is_refused_in_one_line_before_anything_is_
                                                                                          profile, refusal):
     path = tmp_path / "p.yaml"
     path.write_text(yaml.safe_dump({"partition": "debug", "nodes": 2, **profile}))
-    before = subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout
+    queued = lambda: subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split()  # noqa
+    before = queued()
     proc = medgen("run", "--executor", "slurm", *COMMON, f"run.dir={tmp_path / 'r'}", f"slurm.profile={path}",
                   check=False)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [f"medgen: error: {refusal}"], proc.stderr
-    assert subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout == before
+    assert queued() == before
     assert not (tmp_path / "r").exists()  # nothing submitted, nothing written
 
 
@@ -349,6 +357,19 @@ def test_slurm_conf_chooses_the_cluster_for_sbatch_sacct_and_the_jobs(slurm_clus
         assert (rec["State"], rec["Cluster"]) == ("COMPLETED", cluster) and rec["NodeList"] in nodes, (name, rec)
         status = medgen("status", str(tmp_path / name), env={"SLURM_CONF": conf})  # sacct on the same cluster
         assert "COMPLETED" in status.stdout
+
+    # down leaves nothing of that cluster behind (daemons, namespaces, veths, bridge, /etc/netns) and stops
+    # nothing of the other
+    state = Path(confs["one"]).parent
+    pids = [int(p.read_text()) for p in (state / "run").glob("*.pid") if not p.name.endswith(".daemon.pid")]
+    assert len(pids) == 5, pids  # munged, mariadbd, slurmdbd, slurmctld, one slurmd
+    subprocess.run(["bash", str(ROOT / "slurm" / "cluster.sh"), "down", "--nodes", "1"], check=True,
+                   capture_output=True)
+    assert not [p for p in pids if _running(p)]
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=True).stdout
+    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    assert "mg1" not in links and "mg1" not in netns and not list(Path("/etc").glob("netns/mg1*"))
+    assert "mg2n1" in netns and local_cluster(2) == confs["two"]  # the two-node cluster still answers
 
 
 # --------------------------------------------------------------------------- no cluster needed
