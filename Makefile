@@ -40,9 +40,10 @@ services:
 services-down:
 	slurm/cluster.sh down
 
-# two workers: the SLURM tests (one group, in order) wait on the scheduler while the other runs the rest
+# two workers, a test file each at a time: while one runs the SLURM tests (in order, mostly waiting on the
+# scheduler), the other runs the CPU-bound files
 test: install services
-	$(VENV)/bin/pytest -q -n 2 --dist loadgroup tests
+	$(VENV)/bin/pytest -q -n 2 --dist loadfile tests
 
 test-fast: install
 	$(VENV)/bin/pytest -q -m "not slow" tests

@@ -130,3 +130,10 @@ def slurm_cluster() -> dict:
     conf = local_cluster(2)
     os.environ["SLURM_CONF"] = conf
     return {"conf": conf, "nodes": 2}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Files with SLURM tests first: under `make test` (-n 2 --dist loadfile) they then spend their waits on
+    the scheduler while the other worker runs the CPU-bound files, instead of starting last."""
+    slurm_files = {item.path for item in items if item.get_closest_marker("slurm")}
+    items.sort(key=lambda item: item.path not in slurm_files)  # stable: the order within a file is kept
