@@ -1,6 +1,11 @@
 """Training-stream throughput: tokens/s that medgen's PackedStream delivers from local shards and from
 an S3-protocol server (moto on 127.0.0.1), one process, blocks of --block tokens collated into batches.
 
+Each source is measured with the real loader (every shard checked against the manifest's size and
+SHA-256 before its rows are read) and, in the same run, with the reader as it was before that check
+(row groups straight from the file, unchecked), alternating --rounds times; the median of each and
+their ratio are printed.
+
     python bench/bench_loader.py            # prepares the real 500-article sample, then measures both
 """
 from __future__ import annotations
@@ -10,6 +15,7 @@ import itertools
 import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -22,7 +28,27 @@ sys.path.insert(0, str(ROOT))
 SAMPLE = ROOT.parent / "shared" / "data" / "medium" / "medium-articles-500.csv"
 
 
-def measure(url: str, storage_options: dict, block: int, batch: int, seconds: float) -> float:
+def unverified(shard, storage_options: dict):
+    """The shard reader before the integrity check: row groups read straight from the file, unchecked."""
+    import pyarrow.parquet as pq
+
+    from medgen.data.shards import filesystem
+
+    fs, path = filesystem(shard.url, storage_options)
+    return pq.ParquetFile(fs.open(path, "rb"))
+
+
+def measure(url: str, storage_options: dict, block: int, batch: int, seconds: float, verify: bool = True) -> float:
+    from medgen.data import shards, stream
+
+    stream.open_shard = shards.open_shard if verify else unverified  # the one place stream.iter_shard opens a shard
+    try:
+        return _measure(url, storage_options, block, batch, seconds)
+    finally:
+        stream.open_shard = shards.open_shard
+
+
+def _measure(url: str, storage_options: dict, block: int, batch: int, seconds: float) -> float:
     from medgen.data.shards import read_manifest
     from medgen.data.stream import PackedStream, collate
 
@@ -61,6 +87,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--sample", type=Path, default=SAMPLE)
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="measurements per source and reader, alternating checked / unchecked (median reported)")
     args = ap.parse_args()
     os.environ["HF_HUB_OFFLINE"] = "1"
     work = Path(tempfile.mkdtemp(prefix="bench-loader-"))
@@ -74,9 +102,16 @@ def main() -> None:
                   f"run.dir={work}", f"data.source={args.sample}", "data.num_shards=1"]
         subprocess.run(common, cwd=ROOT, check=True)
         subprocess.run(common + ["data.shards=s3://bench/data"], cwd=ROOT, check=True)
-        res = {"block": args.block, "batch": args.batch,
-               "local_tokens_per_s": measure(str(work / "data"), {}, args.block, args.batch, args.seconds),
-               "s3_tokens_per_s": measure("s3://bench/data", {}, args.block, args.batch, args.seconds)}
+        res: dict = {"block": args.block, "batch": args.batch, "seconds": args.seconds, "rounds": args.rounds}
+        for name, url in (("local", str(work / "data")), ("s3", "s3://bench/data")):
+            runs: dict[bool, list[float]] = {True: [], False: []}
+            for _ in range(args.rounds):
+                for verify in (True, False):
+                    runs[verify].append(measure(url, {}, args.block, args.batch, args.seconds, verify))
+            res[f"{name}_tokens_per_s"] = statistics.median(runs[True])
+            res[f"{name}_unchecked_tokens_per_s"] = statistics.median(runs[False])
+            res[f"{name}_checked_over_unchecked"] = round(res[f"{name}_tokens_per_s"] / res[f"{name}_unchecked_tokens_per_s"], 3)
+            res[f"{name}_rounds"] = {"checked": [round(x) for x in runs[True]], "unchecked": [round(x) for x in runs[False]]}
     finally:
         proc.terminate()
     print(json.dumps(res, indent=2))
