@@ -4,7 +4,8 @@ an S3-protocol server (moto on 127.0.0.1), one process, blocks of --block tokens
 Each source is measured with the real loader (every shard checked against the manifest's size and
 SHA-256 before its rows are read) and, in the same run, with the reader as it was before that check
 (row groups straight from the file, unchecked), alternating --rounds times; the median of each and
-their ratio are printed.
+their ratio are printed, per wall-clock second and per CPU second of this process (the latter
+barely moves when other jobs share the machine).
 
     python bench/bench_loader.py            # prepares the real 500-article sample, then measures both
 """
@@ -38,7 +39,8 @@ def unverified(shard, storage_options: dict):
     return pq.ParquetFile(fs.open(path, "rb"))
 
 
-def measure(url: str, storage_options: dict, block: int, batch: int, seconds: float, verify: bool = True) -> float:
+def measure(url: str, storage_options: dict, block: int, batch: int, seconds: float,
+            verify: bool = True) -> tuple[float, float]:
     from medgen.data import shards, stream
 
     stream.open_shard = shards.open_shard if verify else unverified  # the one place stream.iter_shard opens a shard
@@ -48,7 +50,8 @@ def measure(url: str, storage_options: dict, block: int, batch: int, seconds: fl
         stream.open_shard = shards.open_shard
 
 
-def _measure(url: str, storage_options: dict, block: int, batch: int, seconds: float) -> float:
+def _measure(url: str, storage_options: dict, block: int, batch: int, seconds: float) -> tuple[float, float]:
+    """(tokens per second, tokens per CPU second of this process: less sensitive to other jobs on the machine)"""
     from medgen.data.shards import read_manifest
     from medgen.data.stream import PackedStream, collate
 
@@ -56,11 +59,11 @@ def _measure(url: str, storage_options: dict, block: int, batch: int, seconds: f
     ds = PackedStream(url, manifest, storage_options, block, 50256, "wrapped", 1, 0, 1)
     it = iter(ds)
     next(it)  # opens the first shard
-    tokens, t0 = 0, time.perf_counter()
+    tokens, t0, c0 = 0, time.perf_counter(), time.process_time()
     while time.perf_counter() - t0 < seconds:
         collate(list(itertools.islice(it, batch)))
         tokens += block * batch
-    return tokens / (time.perf_counter() - t0)
+    return tokens / (time.perf_counter() - t0), tokens / (time.process_time() - c0)
 
 
 def moto() -> tuple[subprocess.Popen, str]:
@@ -100,18 +103,24 @@ def main() -> None:
         s3fs.S3FileSystem().mkdir("bench")
         common = [sys.executable, "-m", "medgen", "prepare", "--config", "configs/tiny.yaml", "-q",
                   f"run.dir={work}", f"data.source={args.sample}", "data.num_shards=1"]
-        subprocess.run(common, cwd=ROOT, check=True)
-        subprocess.run(common + ["data.shards=s3://bench/data"], cwd=ROOT, check=True)
+        subprocess.run(common, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(common + ["data.shards=s3://bench/data"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
         res: dict = {"block": args.block, "batch": args.batch, "seconds": args.seconds, "rounds": args.rounds}
         for name, url in (("local", str(work / "data")), ("s3", "s3://bench/data")):
-            runs: dict[bool, list[float]] = {True: [], False: []}
-            for _ in range(args.rounds):
-                for verify in (True, False):
+            runs: dict[bool, list[tuple[float, float]]] = {True: [], False: []}
+            for r in range(args.rounds):
+                for verify in ((True, False) if r % 2 == 0 else (False, True)):
                     runs[verify].append(measure(url, {}, args.block, args.batch, args.seconds, verify))
-            res[f"{name}_tokens_per_s"] = statistics.median(runs[True])
-            res[f"{name}_unchecked_tokens_per_s"] = statistics.median(runs[False])
-            res[f"{name}_checked_over_unchecked"] = round(res[f"{name}_tokens_per_s"] / res[f"{name}_unchecked_tokens_per_s"], 3)
-            res[f"{name}_rounds"] = {"checked": [round(x) for x in runs[True]], "unchecked": [round(x) for x in runs[False]]}
+            wall = {v: statistics.median(x[0] for x in runs[v]) for v in runs}
+            cpu = {v: statistics.median(x[1] for x in runs[v]) for v in runs}
+            res[name] = {
+                "tokens_per_s": round(wall[True]), "unchecked_tokens_per_s": round(wall[False]),
+                "checked_over_unchecked": round(wall[True] / wall[False], 3),
+                "tokens_per_cpu_s": round(cpu[True]), "unchecked_tokens_per_cpu_s": round(cpu[False]),
+                "cpu_checked_over_unchecked": round(cpu[True] / cpu[False], 3),
+                "rounds_tokens_per_s": {"checked": [round(x[0]) for x in runs[True]],
+                                        "unchecked": [round(x[0]) for x in runs[False]]},
+            }
     finally:
         proc.terminate()
     print(json.dumps(res, indent=2))
