@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from medgen.data.shards import shard_urls
+from medgen.data.shards import shard_refs
 from medgen.data.stream import PackedStream, collate, iter_shard
 
 SEP = 50256
@@ -27,7 +27,7 @@ def _stream(prepared, rank=0, world=1, streams=2, block=64, mode="wrapped"):
 
 
 def _segments(url, manifest, shard_ids):
-    shards = shard_urls(url, manifest, "train")
+    shards = shard_refs(url, manifest, "train")
     return [r["input_ids"] + [SEP] for i in shard_ids for r in iter_shard(shards[i], {}, ["input_ids"])]
 
 

@@ -11,7 +11,7 @@ import hashlib
 import json
 import posixpath
 import uuid
-from typing import Any
+from typing import Any, NamedTuple
 
 import fsspec
 import pyarrow as pa
@@ -212,9 +212,46 @@ def read_manifest(url: str, storage_options: dict) -> dict[str, Any]:
         raise storage_error(e, "data.shards", url) from None
 
 
-def shard_urls(url: str, manifest: dict[str, Any], split: str) -> list[str]:
+class ShardRef(NamedTuple):
+    """One shard as the manifest lists it: where it is, and its size and SHA-256 when it was written."""
+
+    url: str
+    bytes: int
+    sha256: str
+
+
+def shard_refs(url: str, manifest: dict[str, Any], split: str) -> list[ShardRef]:
     base = url.rstrip("/")
-    return [f"{base}/{e['path']}" for e in manifest["splits"][split]["shards"]]
+    refs = []
+    for e in manifest["splits"][split]["shards"]:
+        shard = f"{base}/{e['path']}"
+        if not isinstance(e.get("bytes"), int) or not isinstance(e.get("sha256"), str):
+            raise UserError(f"data.shards: {MANIFEST} at {redact(url)} gives no size and sha256 for {redact(shard)}, "
+                            f"so it cannot be checked; re-run `medgen prepare`")
+        refs.append(ShardRef(shard, e["bytes"], e["sha256"]))
+    return refs
+
+
+def open_shard(ref: ShardRef, storage_options: dict) -> pq.ParquetFile:
+    """The shard's bytes, read once and checked against the manifest (size, then SHA-256), as a ParquetFile.
+
+    The one place where training and evaluation read a shard: nothing of a shard is parsed, let alone
+    handed to a model, before all of its bytes match what ``prepare`` wrote. A flipped byte, a truncated
+    or extended file, or another valid shard copied over it is a one-line UserError (exit 2).
+    The whole shard is held in memory while it is read (its compressed size).
+    """
+    fs, path = filesystem(ref.url, storage_options)
+    with storage_errors("data.shards", ref.url):
+        with fs.open(path, "rb") as f:
+            data = f.read()
+    digest = hashlib.sha256(data).hexdigest() if len(data) == ref.bytes else None
+    if digest != ref.sha256:
+        found = digest or hashlib.sha256(data).hexdigest()
+        raise UserError(
+            f"data.shards: shard {redact(ref.url)} does not match the manifest: expected {ref.bytes} bytes "
+            f"sha256 {ref.sha256[:16]}..., found {len(data)} bytes sha256 {found[:16]}... "
+            f"(re-run `medgen prepare`, or restore the file)")
+    return pq.ParquetFile(pa.BufferReader(data))
 
 
 def check_tokenizer(manifest: dict[str, Any], fingerprint: str, model_name: str, url: str) -> None:

@@ -14,31 +14,29 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-import pyarrow.parquet as pq
 import torch
 
-from medgen.data.shards import filesystem, shard_urls
+from medgen.data.shards import ShardRef, open_shard, shard_refs
 
 
-def iter_shard(url: str, storage_options: dict, columns: list[str], start: int = 0) -> Iterator[dict[str, Any]]:
-    """Rows of one Parquet shard from row ``start`` on, streamed row group by row group."""
-    fs, path = filesystem(url, storage_options)
-    with fs.open(path, "rb") as f:
-        pf = pq.ParquetFile(f)
-        first = 0
-        for i in range(pf.num_row_groups):
-            n = pf.metadata.row_group(i).num_rows
-            if first + n > start:
-                rows = pf.read_row_group(i, columns=columns).to_pylist()
-                yield from rows[max(0, start - first):]
-            first += n
+def iter_shard(shard: ShardRef, storage_options: dict, columns: list[str], start: int = 0) -> Iterator[dict[str, Any]]:
+    """Rows of one shard from row ``start`` on, row group by row group; the whole shard is checked
+    against the manifest (``open_shard``) before its first row."""
+    pf = open_shard(shard, storage_options)
+    first = 0
+    for i in range(pf.num_row_groups):
+        n = pf.metadata.row_group(i).num_rows
+        if first + n > start:
+            rows = pf.read_row_group(i, columns=columns).to_pylist()
+            yield from rows[max(0, start - first):]
+        first += n
 
 
 def load_articles(url: str, manifest: dict, storage_options: dict, split: str,
                   columns: tuple[str, ...] = ("id", "tags", "input_ids", "n_bytes")) -> list[dict[str, Any]]:
     """All articles of a split in manifest order (shard by shard, row by row)."""
     rows: list[dict[str, Any]] = []
-    for shard in shard_urls(url, manifest, split):
+    for shard in shard_refs(url, manifest, split):
         rows.extend(iter_shard(shard, storage_options, list(columns)))
     return rows
 
@@ -69,7 +67,7 @@ class Stream:
     a piece, exact with ``use_cache=False``).
     """
 
-    def __init__(self, shards: list[str], storage_options: dict, block: int, sep: int, mode: str):
+    def __init__(self, shards: list[ShardRef], storage_options: dict, block: int, sep: int, mode: str):
         self.shards, self.storage_options = shards, storage_options
         self.block, self.sep, self.mode = block, sep, mode
         self.state = StreamState()
@@ -89,7 +87,7 @@ class Stream:
             st.shard, st.row = st.shard + 1, 0
             if st.shard == len(self.shards):
                 if not rows_this_pass:
-                    raise ValueError(f"no training rows in shards {self.shards}")
+                    raise ValueError(f"no training rows in shards {[s.url for s in self.shards]}")
                 st.shard, st.epoch, rows_this_pass = 0, st.epoch + 1, 0
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -127,7 +125,7 @@ class PackedStream(torch.utils.data.IterableDataset):
                  num_streams: int, rank: int, world: int, split: str = "train"):
         if num_streams % world:
             raise ValueError(f"num_streams={num_streams} is not a multiple of the number of processes ({world})")
-        shards = shard_urls(url, manifest, split)
+        shards = shard_refs(url, manifest, split)
         if len(shards) < num_streams:
             raise ValueError(f"{len(shards)} {split} shards cannot feed {num_streams} streams: "
                              f"prepare with data.num_shards >= {num_streams}")
