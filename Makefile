@@ -43,7 +43,7 @@ services-down:
 # two workers, a test file each at a time: while one runs the SLURM tests (in order, mostly waiting on the
 # scheduler), the other runs the CPU-bound files
 test: install services
-	$(VENV)/bin/pytest -q -n 2 --dist loadfile tests
+	$(VENV)/bin/pytest -q -n 2 --dist loadfile --durations=15 tests
 
 test-fast: install
 	$(VENV)/bin/pytest -q -m "not slow" tests
