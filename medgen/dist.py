@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from medgen.data.shards import write_atomic
 from medgen.errors import UserError
 
 
@@ -61,8 +62,5 @@ def record_placement(run_dir: str, stage: str) -> dict[str, Any]:
     where = placement()
     out = Path(run_dir) / "ranks"
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{stage}-rank-{where['rank']:05d}.json"
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(where) + "\n")
-    os.replace(tmp, path)
+    write_atomic(str(out / f"{stage}-rank-{where['rank']:05d}.json"), json.dumps(where) + "\n")
     return where

@@ -117,7 +117,8 @@ def local_cluster(nodes: int) -> str:
             pytest.skip(reason)
         assert up.returncode == 0, f"slurm/cluster.sh up failed:\n{up.stdout[-3000:]}\n{up.stderr[-3000:]}"
     conf = _slurm_conf(env_sh)
-    assert _sinfo_nodes(conf) == nodes, f"sinfo fails with SLURM_CONF={conf}: see the logs in {Path(conf).parent / 'log'}"
+    assert _sinfo_nodes(conf) == nodes, \
+        f"sinfo fails with SLURM_CONF={conf}: see the logs in {Path(conf).parent / 'log'}"
     return conf
 
 

@@ -41,6 +41,19 @@ def _sacct(run: Path, *extra: str, fields: str = "JobID,State,Start,End", conf: 
     return [dict(zip(fields.split(","), ln.split("|"))) for ln in out.splitlines()]
 
 
+def _job_records(job: str, fields: str, *extra: str) -> list[str]:
+    """sacct's records of one job or step, fields separated by '|'."""
+    return subprocess.run(["sacct", "-n", "-P", "-o", fields, "-j", job, *extra], capture_output=True, text=True,
+                          check=True).stdout.split()
+
+
+def _assert_rerun_skipped_the_first_step_id(job_id: str) -> None:
+    # the rerun's stage step is <job>.1 (after one short step .0): a signal still queued in slurmctld for the
+    # first run's step <job>.0 cannot reach it
+    steps = _job_records(job_id, "JobID,State", "--duplicates")
+    assert steps[-2:] == [f"{job_id}.0|COMPLETED", f"{job_id}.1|COMPLETED"], steps
+
+
 def _wait(run: Path, timeout: float = 900, conf: str | None = None) -> dict[str, dict]:
     """Stage -> its sacct record, once every stage has finished (sacct lags 1-2 s behind squeue)."""
     stages = _jobs(run)["stages"]
@@ -155,8 +168,7 @@ def test_every_distributed_stage_ran_one_rank_on_each_of_two_nodes(pipelines):
     assert len(nodes) == 2 and len(set(nodes.values())) == 2, nodes  # sinfo: two nodes, two addresses
     stages = _jobs(run)["stages"]
     for stage in slurm.DISTRIBUTED:
-        step = subprocess.run(["sacct", "-n", "-P", "-o", "NTasks,NNodes", "-j", f"{stages[stage]['job_id']}.0"],
-                              capture_output=True, text=True, check=True).stdout.split()
+        step = _job_records(f"{stages[stage]['job_id']}.0", "NTasks,NNodes")
         assert step == ["2|2"], f"{stage}: one srun step of 2 tasks on 2 nodes"
         where = _placements(run, stage, 2)
         assert {w["host"]: w["ip"] for w in where} == nodes, (stage, where)  # two hostnames, two IPs
@@ -180,9 +192,8 @@ def test_a_gpu_shaped_profile_runs_one_task_per_fake_gpu(pipelines, tmp_path):
     states = _wait(run)
     assert {k: r["State"] for k, r in states.items()} == {k: "COMPLETED" for k in states}, states
     train = _jobs(run)["stages"]["train"]["job_id"]
-    tres = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "AllocTRES", "-j", train], capture_output=True,
-                          text=True, check=True).stdout
-    assert "gres/gpu=4" in tres, tres  # slurmctld allocated 2 GPUs on each of the 2 nodes
+    tres = _job_records(train, "AllocTRES", "-X")
+    assert "gres/gpu=4" in tres[0], tres  # slurmctld allocated 2 GPUs on each of the 2 nodes
     for stage in slurm.DISTRIBUTED:
         where = _placements(run, stage, 4)
         by_host: dict[str, set] = {}
@@ -212,11 +223,7 @@ def test_preemption_requeues_and_resumes_to_the_uninterrupted_adapter(pipelines,
     assert _wait(run)["train"]["State"] == "COMPLETED"
     history = [r["State"] for r in _sacct(run, "--duplicates", fields="JobID,State")]
     assert history == ["REQUEUED", "COMPLETED"], history
-    # the rerun's stage step is <job>.1 (after one short step .0): a signal still queued in slurmctld for the
-    # first run's step <job>.0 cannot reach it
-    steps = subprocess.run(["sacct", "--duplicates", "-n", "-P", "-o", "JobID,State", "-j", job_id],
-                           capture_output=True, text=True, check=True).stdout.split()
-    assert steps[-2:] == [f"{job_id}.0|COMPLETED", f"{job_id}.1|COMPLETED"], steps
+    _assert_rerun_skipped_the_first_step_id(job_id)
     log_text = Path(info["stages"]["train"]["logs"][0]).read_text()
     resumed = re.findall(r"resuming from \S+/step-(\d+)", log_text)
     assert len(resumed) == 1 and 2 <= int(resumed[0]) < STEPS, "the signal should land mid-training"
@@ -257,7 +264,8 @@ def test_a_lost_node_fails_the_job_which_is_requeued_and_resumes_exactly(pipelin
     t_fail = time.time()
     deadline = time.time() + 30  # the survivor must not sit in a collective past its job's life (KillWait=5)
     while _running(survivor["pid"]):
-        assert time.time() < deadline, f"rank 0 (pid {survivor['pid']}) still runs {time.time() - t_fail:.0f} s after NODE_FAIL"
+        assert time.time() < deadline, (f"rank 0 (pid {survivor['pid']}) still runs "
+                                        f"{time.time() - t_fail:.0f} s after NODE_FAIL")
         time.sleep(0.5)
     pending = subprocess.run(["squeue", "-h", "-o", "%T", "-j", info["stages"]["train"]["job_id"]],
                              capture_output=True, text=True).stdout.split()
@@ -271,10 +279,7 @@ def test_a_lost_node_fails_the_job_which_is_requeued_and_resumes_exactly(pipelin
     resumed = [int(n) for n in re.findall(r"resuming from \S+/step-(\d+)", log_text)]
     assert len(resumed) == 1 and 2 <= resumed[0] < STEPS, resumed  # a committed step-N, never a partial one
     assert "stopped by a signal" not in log_text and "Requeued job" not in log_text
-    job_id = info["stages"]["train"]["job_id"]  # the rerun's training step skipped the step id of the first run
-    steps = subprocess.run(["sacct", "--duplicates", "-n", "-P", "-o", "JobID,State", "-j", job_id],
-                           capture_output=True, text=True, check=True).stdout.split()
-    assert steps[-2:] == [f"{job_id}.0|COMPLETED", f"{job_id}.1|COMPLETED"], steps
+    _assert_rerun_skipped_the_first_step_id(info["stages"]["train"]["job_id"])
     assert _max_diff(_adapter(run), _adapter(reference)) <= 1e-5
     assert _samples(run, STEPS) == _samples(reference, STEPS)  # the steps after step-N were redone, once
     assert t_fail - t_crash < 120

@@ -217,15 +217,20 @@ def _command(folder: Path) -> str:
 
 def scripts(cfg: Config) -> list[tuple[str, str]]:
     """(stage, sbatch script) for every stage, with placeholders for the job ids not known yet."""
-    from submitit.slurm.slurm import _make_sbatch_string
-
     folder = _submission_folder(cfg)
     out, prev = [], None
     for p in plan(cfg, folder):
         dep = {"dependency": f"afterok:<{prev} job id>"} if prev else {}
-        out.append((p.stage, _make_sbatch_string(command=_command(folder), folder=folder, **p.params, **dep)))
+        out.append((p.stage, _script(p, folder, **dep)))
         prev = p.stage
     return out
+
+
+def _script(p: StagePlan, folder: Path, **extra: Any) -> str:
+    """The stage's sbatch script as submitit's SlurmExecutor writes it."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    return _make_sbatch_string(command=_command(folder), folder=folder, **p.params, **extra)
 
 
 def job_callable(stage: str) -> StageJob:
@@ -274,10 +279,8 @@ def submit(cfg: Config) -> dict[str, Any]:
 def _test_only(p: StagePlan, folder: Path) -> None:
     """Ask slurmctld whether it could ever run this stage as planned (``sbatch --test-only`` queues nothing),
     so that what the cluster cannot give (GPUs, nodes, a partition) is refused before any stage is queued."""
-    from submitit.slurm.slurm import _make_sbatch_string
-
-    script = _make_sbatch_string(command=_command(folder), folder=folder, **p.params)
-    out = subprocess.run(["sbatch", "--test-only"], input=script, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(["sbatch", "--test-only"], input=_script(p, folder), capture_output=True, text=True,
+                         timeout=120)
     if out.returncode != 0:
         lines = [ln.strip() for ln in out.stderr.splitlines() if ln.strip()] or [f"exit code {out.returncode}"]
         errors = [ln.split("error:", 1)[1].strip() for ln in lines if "error:" in ln]
