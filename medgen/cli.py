@@ -3,12 +3,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import os
 import sys
-import warnings
 
 from medgen.errors import ConfigError, UserError
+from medgen.logs import setup_logging
 
 STAGE_HELP = {
     "prepare": "CSV -> cleaned, deduplicated, split, tokenized Parquet shards + manifest",
@@ -50,21 +48,6 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--quiet", "-q", action="store_true", help=argparse.SUPPRESS)
     sp.add_argument("--debug", action="store_true", help="full tracebacks")
     return p
-
-
-def setup_logging(quiet: bool, debug: bool) -> None:
-    level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(asctime)s medgen %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
-    if not debug:
-        # known-noisy library messages; errors still surface
-        for name in ("transformers", "datasets", "accelerate", "peft", "trl", "DeepSpeed", "torch.distributed"):
-            logging.getLogger(name).setLevel(logging.ERROR)
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        warnings.filterwarnings("ignore", category=UserWarning)
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    if quiet:
-        os.environ.setdefault("TQDM_DISABLE", "1")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -359,6 +359,9 @@ def _check(cfg: Config) -> list[str]:
         p.append(f"data.min_chars: must be <= data.max_chars ({d.min_chars} > {d.max_chars})")
     if d.val_fraction + d.test_fraction >= 1.0:
         p.append("data.val_fraction + data.test_fraction: must leave some articles for training")
+    p += [f"data.storage_options.{k}: credentials do not belong in a config (it is copied into run folders "
+          f"and SLURM jobs); set them in the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...) "
+          f"or use a profile" for k in _credential_keys(d.storage_options)]
     positive = {
         "data.num_shards": d.num_shards, "data.chunk_rows": d.chunk_rows, "train.max_steps": t.max_steps,
         "train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum, "train.max_length": t.max_length,
@@ -385,6 +388,22 @@ def _check(cfg: Config) -> list[str]:
     if not cfg.run.dir:
         p.append("run.dir: must not be empty")
     return p + _check_slurm(cfg.slurm)
+
+
+CREDENTIAL_KEYS = {"key", "secret", "token", "password", "access_key", "secret_key", "session_token",
+                   "aws_access_key_id", "aws_secret_access_key", "aws_session_token", "account_key",
+                   "sas_token", "connection_string", "client_secret", "credentials"}
+
+
+def _credential_keys(options: dict, prefix: str = "") -> list[str]:
+    """Dotted paths of the keys in ``options`` (nested too) that would hold a credential."""
+    found = []
+    for k, v in options.items():
+        if str(k).lower() in CREDENTIAL_KEYS:
+            found.append(f"{prefix}{k}")
+        elif isinstance(v, dict):
+            found += _credential_keys(v, f"{prefix}{k}.")
+    return found
 
 
 def _check_slurm(s: SlurmConfig) -> list[str]:

@@ -36,6 +36,7 @@ import medgen
 from medgen import config
 from medgen.config import STAGES, Config, opt
 from medgen.errors import ConfigError, UserError
+from medgen.logs import setup_logging
 
 log = logging.getLogger("medgen")
 
@@ -451,8 +452,6 @@ class StageJob(submitit.helpers.Checkpointable):
 
 
 def _setup_task(distributed: bool) -> None:
-    from medgen.cli import setup_logging
-
     # torch would start a thread per core of the node in every task: use the cores SLURM gave this task
     os.environ.setdefault("OMP_NUM_THREADS", os.environ.get("SLURM_CPUS_PER_TASK", "1"))
     setup_logging(quiet=False, debug=False)
