@@ -77,14 +77,20 @@ def test_every_shard_of_an_untouched_dataset_passes(dataset):
         assert len(load_articles(str(dataset), manifest, {}, split)) == manifest["splits"][split]["articles"]
 
 
+@pytest.mark.parametrize("where", ["local", "s3"])
 @pytest.mark.parametrize("change", [_flip, _truncate, _replace], ids=["flipped-byte", "truncated", "replaced"])
-def test_no_row_of_a_changed_shard_is_read(dataset, tmp_path, change):
+def test_no_row_of_a_changed_shard_is_read(dataset, tmp_path, change, where, request):
     run = _copy(dataset, tmp_path)
     url = str(run / "data")
     manifest = json.loads((run / "data" / "manifest.json").read_text())
     entry = next(e for e in manifest["splits"]["train"]["shards"] if e["path"] == TRAIN)
     change(run / "data" / TRAIN)
     found = (run / "data" / TRAIN).stat().st_size
+    if where == "s3":  # the changed dataset as objects on the S3 server
+        import s3fs
+
+        url = f"s3://{request.getfixturevalue('s3_server')['bucket']}/changed-{tmp_path.name}"
+        s3fs.S3FileSystem().put(str(run / "data"), url, recursive=True)
     rows = iter_shard(shard_refs(url, manifest, "train")[0], {}, ["input_ids"])
     with pytest.raises(UserError, match="does not match the manifest") as e:
         next(rows)
