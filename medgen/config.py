@@ -188,7 +188,9 @@ def _check_generate(g: GenerateConfig) -> list[str]:
 
 @dataclass
 class SlurmConfig:
-    profile: str = opt("local", "Cluster profile: a name in slurm/profiles/ (local, gpu-example) or a YAML path.")
+    profile: str = opt("local", "Cluster profile: a name (a built-in: local, local-gpu, gpu-example; or a YAML file in "
+                       "slurm.profile_dir) or a YAML path.")
+    profile_dir: str = opt("", "Directory of your own profiles, searched for a bare slurm.profile name before the built-in ones.")
     nodes: int = opt(0, "Nodes for train, evaluate and generate (0 = the profile's).")
     timeout_min: int = opt(0, "Time limit of each stage's job in minutes (0 = the profile's).")
     signal_delay_s: int = opt(

@@ -40,10 +40,13 @@ from medgen.logs import setup_logging
 
 log = logging.getLogger("medgen")
 
-# The checkout that submits: jobs/ and slurm/profiles/ live there, and the jobs must import ITS medgen
-# (an editable install elsewhere would otherwise win), so it goes first on the jobs' PYTHONPATH.
-ROOT = Path(medgen.__file__).resolve().parents[1]
-PROFILES = ROOT / "slurm" / "profiles"
+# Run from a source checkout, jobs/ and slurm/profiles/ are read there, and the jobs must import ITS medgen
+# (an editable install elsewhere would otherwise win), so it goes first on the jobs' PYTHONPATH. Installed from
+# the wheel, the same files are the packages medgen.jobs and medgen.profiles (pyproject.toml's package-dir).
+_TOP = Path(medgen.__file__).resolve().parents[1]
+CHECKOUT = _TOP if (_TOP / "pyproject.toml").is_file() and (_TOP / "jobs").is_dir() else None
+PROFILES = CHECKOUT / "slurm" / "profiles" if CHECKOUT else Path(medgen.__file__).resolve().parent / "profiles"
+JOBS_PACKAGE = "jobs" if CHECKOUT else "medgen.jobs"
 DISTRIBUTED = ("train", "evaluate", "generate")
 REQUEUE_WAIT_S = 300  # how long non-zero ranks wait for rank 0 to requeue the job before giving up
 # A requeued job numbers its steps from 0 again. A step signal slurmctld could not deliver because a node was not
@@ -97,20 +100,25 @@ class StagePlan:
 # --------------------------------------------------------------------------- profiles and plans
 
 
-def profile_path(name: str) -> Path:
-    """A bare name is a file in slurm/profiles/; anything else is a path."""
+def _profile_dirs(own: str) -> list[Path]:
+    return [Path(own), PROFILES] if own else [PROFILES]
+
+
+def profile_path(name: str, own: str = "") -> Path:
+    """A bare name is a file in ``own`` (slurm.profile_dir) or among the built-in profiles; anything else a path."""
     if re.fullmatch(r"[A-Za-z0-9_-]+", name):
-        return PROFILES / f"{name}.yaml"
+        found = [d / f"{name}.yaml" for d in _profile_dirs(own) if (d / f"{name}.yaml").is_file()]
+        return found[0] if found else _profile_dirs(own)[0] / f"{name}.yaml"
     return Path(name)
 
 
-def load_profile(name: str) -> Profile:
-    path = profile_path(name)
+def load_profile(name: str, own: str = "") -> Profile:
+    path = profile_path(name, own)
     where = f"slurm.profile={name}"
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
-        known = ", ".join(sorted(p.stem for p in PROFILES.glob("*.yaml")))
+        known = ", ".join(sorted({p.stem for d in _profile_dirs(own) for p in d.glob("*.yaml")}))
         raise ConfigError([f"{where}: no such profile {path} (known: {known})"]) from None
     except yaml.YAMLError as e:
         raise ConfigError([f"{where}: {path} is not valid YAML ({str(e).splitlines()[0]})"]) from None
@@ -163,8 +171,7 @@ def _sbatch_params(stage: str, cfg: Config, prof: Profile) -> StagePlan:
         "cpus_per_task": prof.cpus_per_task,
         "signal_delay_s": s.signal_delay_s,
         "stderr_to_stdout": True,  # one log per task
-        "setup": [f"export PYTHONPATH={shlex.quote(_checked_path('checkout', ROOT))}${{PYTHONPATH:+:$PYTHONPATH}}",
-                  SKIP_OLD_STEP_IDS],
+        "setup": [*_pythonpath(), SKIP_OLD_STEP_IDS],
         # a task that dies kills its step; the others would otherwise wait in a collective until a timeout
         "srun_args": ["--kill-on-bad-exit=1"],
         "additional_parameters": {
@@ -184,9 +191,15 @@ def _sbatch_params(stage: str, cfg: Config, prof: Profile) -> StagePlan:
     return StagePlan(stage, nodes * per_node, params)
 
 
+def _pythonpath() -> list[str]:
+    if not CHECKOUT:
+        return []
+    return [f"export PYTHONPATH={shlex.quote(_checked_path('checkout', CHECKOUT))}${{PYTHONPATH:+:$PYTHONPATH}}"]
+
+
 def plan(cfg: Config, folder: Path) -> list[StagePlan]:
     """Validated sbatch parameters of every stage to submit (ConfigError/UserError on any mistake)."""
-    prof = load_profile(cfg.slurm.profile)
+    prof = load_profile(cfg.slurm.profile, cfg.slurm.profile_dir)
     limit_s = (cfg.slurm.timeout_min or prof.timeout_min) * 60
     if limit_s - cfg.slurm.signal_delay_s < 60:
         # the limit counts from every (re)start: USR2 due right after a start would hit every restart
@@ -235,12 +248,11 @@ def _script(p: StagePlan, folder: Path, **extra: Any) -> str:
 
 
 def job_callable(stage: str) -> StageJob:
-    """``jobs/<stage>.py``'s class: pickled by reference, so the jobs import it from the checkout."""
-    if not (ROOT / "jobs").is_dir():
-        raise UserError(f"the SLURM executor needs a source checkout with jobs/ (not found in {ROOT})")
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-    return getattr(importlib.import_module(f"jobs.{stage}"), stage.capitalize())()
+    """``jobs/<stage>.py``'s class, pickled by reference: the jobs import it as this process does (from the
+    checkout, or from the installed package)."""
+    if CHECKOUT and str(CHECKOUT) not in sys.path:
+        sys.path.insert(0, str(CHECKOUT))
+    return getattr(importlib.import_module(f"{JOBS_PACKAGE}.{stage}"), stage.capitalize())()
 
 
 def submit(cfg: Config) -> dict[str, Any]:
@@ -268,8 +280,8 @@ def submit(cfg: Config) -> dict[str, Any]:
             stages[p.stage] = {"job_id": job.job_id, "name": p.params["job_name"], "tasks": p.tasks,
                                "logs": [str(folder / f"{job.job_id}_{t}_log.out") for t in range(p.tasks)]}
     info = {"submitted": submitted, "run_dir": str(Path(cfg.run.dir).absolute()),
-            "folder": str(folder), "config": str(snapshot), "profile": str(profile_path(cfg.slurm.profile)),
-            "stages": stages}
+            "folder": str(folder), "config": str(snapshot),
+            "profile": str(profile_path(cfg.slurm.profile, cfg.slurm.profile_dir)), "stages": stages}
     path = jobs_file(cfg.run.dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.with_suffix(".tmp").write_text(json.dumps(info, indent=2))
@@ -431,6 +443,7 @@ class StageJob(submitit.helpers.Checkpointable):
         from medgen.launch import local
 
         _setup_task(self.stage in DISTRIBUTED)
+        log.info("%s: medgen %s from %s", self.stage, medgen.__version__, Path(medgen.__file__).parent)
         cfg = config.load_config(config_path, list(overrides))
         if self.stage in DISTRIBUTED:
             where = dist.record_placement(cfg.run.dir, self.stage)
