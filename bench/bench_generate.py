@@ -11,7 +11,7 @@ from token ids, never from text: the pipeline's returned ids minus the prompt's,
   imports, model load and the final merge included.
 
     .venv/bin/python bench/bench_generate.py                       # CPU: smollm2-135m, 128 prompts
-    python bench/bench_generate.py --device cuda --model gpt2-random --prompts 256 --batch-size 256
+    python bench/bench_generate.py --device cuda --model gpt2-random --prompts 256
 
 `gpt2-random` is GPT-2 124M (`GPT2LMHeadModel(GPT2Config())`, seed 0) saved to a temp dir: throughput does
 not depend on the weights. Results are appended to bench/RESULTS.md (machine, command, date).
@@ -25,6 +25,7 @@ import json
 import math
 import os
 import platform
+import re
 import shlex
 import subprocess
 import sys
@@ -89,11 +90,12 @@ def baseline(path: str, prompts: list[dict], new_tokens: int, device: str) -> tu
 
 
 def run_medgen(model: str, prompts_file: Path, run_dir: Path, args) -> tuple[int, float, list[str]]:
-    """(new tokens, seconds, command) of one whole `medgen generate` process."""
+    """(new tokens, seconds, command) of one whole `medgen generate` process; sets args.batch_size to the
+    batch size medgen used (its own default unless --batch-size was given)."""
     cmd = [sys.executable, "-m", "medgen", "generate", f"model.name_or_path={model}", f"run.dir={run_dir}",
            f"generate.prompts={prompts_file}", f"generate.max_new_tokens={args.new_tokens}",
-           f"generate.min_new_tokens={args.new_tokens}", f"generate.batch_size={args.batch_size}",
-           f"generate.dtype={args.dtype}", "--quiet"]
+           f"generate.min_new_tokens={args.new_tokens}", f"generate.dtype={args.dtype}",
+           *([f"generate.batch_size={args.batch_size}"] if args.batch_size else [])]
     env = {**os.environ}
     if args.device == "cpu":
         env.update(ACCELERATE_USE_CPU="true", CUDA_VISIBLE_DEVICES="")
@@ -102,6 +104,8 @@ def run_medgen(model: str, prompts_file: Path, run_dir: Path, args) -> tuple[int
     seconds = time.perf_counter() - t0
     if proc.returncode:
         sys.exit(f"medgen generate failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    used = re.search(r"generate: (\d+) prompts per batch", proc.stderr)
+    args.batch_size, args.batch_note = int(used.group(1)), "" if args.batch_size else " (medgen's default)"
     lines = (run_dir / "generations" / "generations.jsonl").read_text(encoding="utf-8").splitlines()
     counts = [json.loads(line)["completion_tokens"] for line in lines]
     assert len(counts) == args.prompts and set(counts) == {args.new_tokens}, "every completion must be full length"
@@ -173,13 +177,12 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=0, help="prompts for medgen (default 128 on cpu, 256 on cuda)")
     ap.add_argument("--baseline-prompts", type=int, default=8, help="prompts for the pipeline baseline")
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--batch-size", type=int, default=0, help="generate.batch_size (default 64 on cpu, 256 on cuda)")
+    ap.add_argument("--batch-size", type=int, default=0, help="generate.batch_size (default: medgen's own default)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="medgen's dtype (the pipeline runs fp32)")
     ap.add_argument("--bandwidth", type=float, default=0.0, help="memory bandwidth in bytes/s for the limit (default: by card)")
     ap.add_argument("--results", default=str(ROOT / "bench" / "RESULTS.md"), help="markdown file to append to ('' = none)")
     args = ap.parse_args()
     args.prompts = args.prompts or (256 if args.device == "cuda" else 128)
-    args.batch_size = args.batch_size or (256 if args.device == "cuda" else 64)
     args.load_before = os.getloadavg()[0]  # the 2-core dev machines are shared: say how busy it was
     prompts = make_prompts(args.prompts)
     step = max(1, args.prompts // args.baseline_prompts)
@@ -195,7 +198,7 @@ def main() -> None:
         limit, formula = bandwidth_limit(path, prompts, args)
     b_rate, m_rate = b_tokens / b_s, m_tokens / m_s
     print(f"pipeline, one prompt per call: {b_tokens} new tokens in {b_s:.1f} s = {b_rate:.1f} tokens/s")
-    print(f"medgen generate (whole process, batch {args.batch_size}): {m_tokens} new tokens in {m_s:.1f} s = {m_rate:.1f} tokens/s")
+    print(f"medgen generate (whole process, batch {args.batch_size}{args.batch_note}): {m_tokens} new tokens in {m_s:.1f} s = {m_rate:.1f} tokens/s")
     print(f"speed-up: {m_rate / b_rate:.1f}x")
     print(f"memory-bandwidth limit: {formula}")
     if args.results:
@@ -215,7 +218,7 @@ def _append(path: Path, args, b_tokens, b_s, m_tokens, m_s, limit, formula, cmd)
         "| | prompts | new tokens | seconds | new tokens/s |",
         "|---|---|---|---|---|",
         f"| `pipeline(\"text-generation\")`, one prompt per call (load untimed) | {args.baseline_prompts} | {b_tokens} | {b_s:.1f} | {b_rate:.1f} |",
-        f"| `medgen generate`, batch {args.batch_size}, whole process (start-up and load timed) | {args.prompts} | {m_tokens} | {m_s:.1f} | {m_rate:.1f} |",
+        f"| `medgen generate`, batch {args.batch_size}{args.batch_note}, whole process (start-up and load timed) | {args.prompts} | {m_tokens} | {m_s:.1f} | {m_rate:.1f} |",
         "",
         f"Speed-up **{m_rate / b_rate:.1f}x**. Memory-bandwidth limit on decode: {formula}.",
     ]

@@ -6,7 +6,7 @@ import json
 import sys
 
 from medgen.errors import ConfigError, UserError
-from medgen.logs import setup_logging
+from medgen.logs import logging_for
 
 STAGE_HELP = {
     "prepare": "CSV -> cleaned, deduplicated, split, tokenized Parquet shards + manifest",
@@ -59,9 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     args.overrides = [*getattr(args, "overrides", []), *rest]
-    setup_logging(args.quiet, args.debug)
     try:
-        return _dispatch(args)
+        with logging_for(args.quiet, args.debug):
+            return _dispatch(args)
     except ConfigError as e:
         if args.debug:
             raise

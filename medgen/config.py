@@ -155,7 +155,8 @@ class GenerateConfig:
     repetition_penalty: float = opt(1.0, "Repetition penalty (1.0 = off).")
     stop: list[str] = opt([], "Stop strings: a completion ends before the first one it contains (finish_reason stop).")
     num_samples: int = opt(1, "Completions per prompt, one line each with its 'sample' index; > 1 needs do_sample.")
-    batch_size: int = opt(16, "Prompts per generate() call (does not change the output in float32).")
+    batch_size: int = opt(0, "Prompts per generate() call; 0 = for the device: 64 on a CPU, on a GPU what half its free "
+                          "memory holds as KV cache (at most 256). Does not change the output in float32.")
     seed: int = opt(0, "Sampling seed; each (id, sample) has its own random stream, so batching does not matter.")
     dtype: Literal["float32", "bfloat16"] = opt("float32", "Compute dtype; float32 keeps greedy output identical across batch sizes and ranks.")
     merge_tolerance: float = opt(1e-4, "Merge the adapter into the weights if merged logits match unmerged within this (relative); 0 = never.")
@@ -368,13 +369,14 @@ def _check(cfg: Config) -> list[str]:
         "data.num_shards": d.num_shards, "data.chunk_rows": d.chunk_rows, "train.max_steps": t.max_steps,
         "train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum, "train.max_length": t.max_length,
         "train.logging_steps": t.logging_steps, "eval.batch_size": e.batch_size, "eval.context": e.context,
-        "eval.stride": e.stride, "generate.max_new_tokens": g.max_new_tokens, "generate.batch_size": g.batch_size,
+        "eval.stride": e.stride, "generate.max_new_tokens": g.max_new_tokens,
         "lora.r": cfg.lora.r, "train.keep_checkpoints": t.keep_checkpoints,
     }
     p += [f"{k}: must be > 0 (got {v})" for k, v in positive.items() if v <= 0]
     non_negative = {"lora.top_layers": cfg.lora.top_layers, "train.save_steps": t.save_steps,
                     "train.data_streams": t.data_streams, "train.loraplus_lr_ratio": t.loraplus_lr_ratio, "eval.max_articles": e.max_articles,
-                    "eval.top_tags": e.top_tags, "eval.threads": e.threads}
+                    "eval.top_tags": e.top_tags, "eval.threads": e.threads,
+                    "generate.batch_size": g.batch_size}
     p += [f"{k}: must be >= 0 (got {v})" for k, v in non_negative.items() if v < 0]
     if t.deepspeed and not os.path.isfile(t.deepspeed):
         p.append(f"train.deepspeed: file not found: {t.deepspeed}")

@@ -285,9 +285,32 @@ class Generator:
         """Records batch by batch, longest prompts first (less padding per batch; memory errors come early)."""
         ids = self.encode(items)
         order = sorted(range(len(items)), key=lambda i: (-len(ids[i]), i))
-        for start in range(0, len(order), self.g.batch_size):
-            chunk = order[start:start + self.g.batch_size]
+        size = self.g.batch_size or auto_batch_size(self.model, self.device, max(map(len, ids), default=0),
+                                                    self.g.max_new_tokens)
+        log.info("generate: %d prompts per batch%s", size, "" if self.g.batch_size else " (generate.batch_size=0: auto)")
+        for start in range(0, len(order), size):
+            chunk = order[start:start + size]
             yield self.complete([items[i] for i in chunk], [ids[i] for i in chunk])
+
+
+# bench/bench_generate.py on 2 CPU cores: batch 16 gave 6.8x the per-prompt pipeline, 64 gave 10.7-12x
+CPU_BATCH = 64
+GPU_MAX_BATCH = 256
+
+
+def auto_batch_size(model, device: torch.device, longest: int, new_tokens: int) -> int:
+    """Prompts per generate() call when generate.batch_size = 0: 64 on a CPU; on a GPU as many as half of its
+    free memory holds as KV cache for the longest prompt plus its new tokens, at most 256."""
+    if device.type != "cuda":
+        return CPU_BATCH
+    c = model.config
+    layers = getattr(c, "n_layer", None) or c.num_hidden_layers
+    hidden = getattr(c, "n_embd", None) or c.hidden_size
+    heads = getattr(c, "n_head", None) or c.num_attention_heads
+    kv_dim = (getattr(c, "num_key_value_heads", None) or heads) * (hidden // heads)
+    per_prompt = 2 * layers * kv_dim * next(model.parameters()).element_size() * (longest + new_tokens)
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(1, min(GPU_MAX_BATCH, int(free * 0.5 // per_prompt)))
 
 
 def _max_positions(config) -> int:

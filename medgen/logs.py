@@ -2,9 +2,11 @@
 credential ever written out, whatever a library logs at debug level."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import warnings
+from typing import Iterator
 
 # Environment variables whose values must never appear in a log line (botocore, for one, logs request
 # headers, the access key among them, at debug level).
@@ -32,20 +34,38 @@ class RedactSecrets(logging.Filter):
         return True
 
 
-def setup_logging(quiet: bool, debug: bool) -> None:
-    level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(asctime)s medgen %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    redact = RedactSecrets([os.environ.get(v, "") for v in SECRET_VARIABLES])
-    for handler in logging.getLogger().handlers:
-        if not any(isinstance(f, RedactSecrets) for f in handler.filters):
-            handler.addFilter(redact)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
-    if not debug:
-        # known-noisy library messages; errors still surface
-        for name in NOISY:
-            logging.getLogger(name).setLevel(logging.ERROR)
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        warnings.filterwarnings("ignore", category=UserWarning)
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    if quiet:
-        os.environ.setdefault("TQDM_DISABLE", "1")
+FORMAT = "%(asctime)s medgen %(levelname)s %(message)s"
+
+
+@contextlib.contextmanager
+def logging_for(quiet: bool, debug: bool) -> Iterator[None]:
+    """Log lines, library verbosity, warning filters and progress bars for one command. Everything is put back
+    on exit, so two commands run in one process (tests, notebooks) do not see each other's settings."""
+    root = logging.getLogger()
+    levels = {name: logging.getLogger(name).level for name in ("", *NOISY)}
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter(FORMAT, datefmt="%H:%M:%S"))
+    handler.addFilter(RedactSecrets([os.environ.get(v, "") for v in SECRET_VARIABLES]))
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO)
+    env = {"TOKENIZERS_PARALLELISM": os.environ.get("TOKENIZERS_PARALLELISM", "true"),
+           **({"TQDM_DISABLE": "1"} if quiet else {})}  # read by tqdm and tokenizers when they start work
+    saved_env = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        with warnings.catch_warnings():
+            if not debug:  # known-noisy library messages; errors still surface
+                for name in NOISY:
+                    logging.getLogger(name).setLevel(logging.ERROR)
+                warnings.filterwarnings("ignore", category=FutureWarning)
+                warnings.filterwarnings("ignore", category=UserWarning)
+            yield
+    finally:
+        root.removeHandler(handler)
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

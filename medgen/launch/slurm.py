@@ -36,7 +36,7 @@ import medgen
 from medgen import config
 from medgen.config import STAGES, Config, opt
 from medgen.errors import ConfigError, UserError
-from medgen.logs import setup_logging
+from medgen.logs import logging_for
 
 log = logging.getLogger("medgen")
 
@@ -439,6 +439,11 @@ class StageJob(submitit.helpers.Checkpointable):
     stage = ""
 
     def __call__(self, config_path: str, overrides: Sequence[str] = ()) -> Any:
+        with logging_for(quiet=False, debug=False):
+            logging.getLogger("submitit").propagate = False  # it has its own handler: don't log every line twice
+            return self._run(config_path, overrides)
+
+    def _run(self, config_path: str, overrides: Sequence[str]) -> Any:
         from medgen import dist
         from medgen.launch import local
 
@@ -467,8 +472,6 @@ class StageJob(submitit.helpers.Checkpointable):
 def _setup_task(distributed: bool) -> None:
     # torch would start a thread per core of the node in every task: use the cores SLURM gave this task
     os.environ.setdefault("OMP_NUM_THREADS", os.environ.get("SLURM_CPUS_PER_TASK", "1"))
-    setup_logging(quiet=False, debug=False)
-    logging.getLogger("submitit").propagate = False  # it has its own handler: don't log every line twice
     if not distributed:
         return
     # SLURM started one task per rank: export RANK/WORLD_SIZE/MASTER_* from SLURM's variables (multi-node
