@@ -12,6 +12,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
+from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
@@ -126,7 +127,8 @@ class TrainConfig:
     )
     logging_steps: int = opt(1, "Log loss, lr and tokens/s every N steps.")
     merge: bool = opt(False, "Also save the merged model (base + adapter) as safetensors in <run.dir>/merged.")
-    sft_args: dict[str, Any] = opt({}, "Pass-through for any other trl.SFTConfig field.")
+    sft_args: dict[str, Any] = opt({}, "Pass-through for any other trl.SFTConfig field (not those medgen sets itself: "
+                                   "validate names them).")
 
 
 @dataclass
@@ -362,6 +364,7 @@ def _check(cfg: Config) -> list[str]:
         p.append(f"data.min_chars: must be <= data.max_chars ({d.min_chars} > {d.max_chars})")
     if d.val_fraction + d.test_fraction >= 1.0:
         p.append("data.val_fraction + data.test_fraction: must leave some articles for training")
+    p += _check_known_names(cfg)
     p += [f"data.storage_options.{k}: credentials do not belong in a config (it is copied into run folders "
           f"and SLURM jobs); set them in the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...) "
           f"or use a profile" for k in _credential_keys(d.storage_options)]
@@ -392,6 +395,54 @@ def _check(cfg: Config) -> list[str]:
     if not cfg.run.dir:
         p.append("run.dir: must not be empty")
     return p + _check_slurm(cfg.slurm)
+
+
+BUILTIN_LAYERS = {"smollm2-135m": 30, "tiny-gpt2": 2}  # as medgen/models.py builds them (tests/test_models.py)
+
+# SFTConfig fields medgen sets itself: from its own field (the value), or because exact resume and the packed
+# stream rely on them ("")
+MANAGED_SFT_ARGS = {
+    "output_dir": "run.dir", "max_steps": "train.max_steps", "num_train_epochs": "train.max_steps",
+    "per_device_train_batch_size": "train.batch_size", "gradient_accumulation_steps": "train.grad_accum",
+    "learning_rate": "train.learning_rate", "lr_scheduler_type": "train.lr_scheduler",
+    "warmup_steps": "train.warmup_steps", "weight_decay": "train.weight_decay",
+    "max_grad_norm": "train.max_grad_norm", "seed": "train.seed", "data_seed": "train.seed",
+    "bf16": "train.precision", "fp16": "train.precision", "gradient_checkpointing": "train.gradient_checkpointing",
+    "logging_steps": "train.logging_steps", "save_strategy": "train.save_steps", "save_steps": "train.save_steps",
+    "save_total_limit": "train.keep_checkpoints", "max_length": "train.max_length", "deepspeed": "train.deepspeed",
+    "use_cpu": "", "ignore_data_skip": "", "packing": "", "dataset_kwargs": "", "dataloader_num_workers": "",
+    "accelerator_config": "", "resume_from_checkpoint": "",
+}
+
+
+def _check_known_names(cfg: Config) -> list[str]:
+    """Names that are only known to the stage that uses them: cleaning rules, languages, SFTConfig fields,
+    LoRA layers of a model whose shape can be read without loading it."""
+    from medgen.data import clean, filters
+
+    p = clean.check_rules(cfg.data.clean_rules)
+    p += filters.check_languages(cfg.data.languages)
+    for k in cfg.train.sft_args:
+        if k in MANAGED_SFT_ARGS:
+            own = MANAGED_SFT_ARGS[k]
+            p.append(f"train.sft_args.{k}: medgen sets this itself" + (f"; use {own}" if own else
+                     " (exact resume and the packed data stream rely on it)"))
+    layers = _model_layers(cfg.model.name_or_path)
+    if layers and cfg.lora.top_layers > layers:
+        p.append(f"lora.top_layers: {cfg.lora.top_layers} is more than the {layers} layers of {cfg.model.name_or_path}")
+    return p
+
+
+def _model_layers(name: str) -> int:
+    """Transformer layers of a built-in or a local model directory (0 = not known without loading it)."""
+    path = Path(name) / "config.json"
+    if path.is_file():
+        try:
+            c = json.loads(path.read_text(encoding="utf-8"))
+            return int(c.get("n_layer") or c.get("num_hidden_layers") or 0)
+        except (OSError, ValueError, TypeError):
+            return 0
+    return BUILTIN_LAYERS.get(name, 0)
 
 
 CREDENTIAL_KEYS = {"key", "secret", "token", "password", "access_key", "secret_key", "session_token",

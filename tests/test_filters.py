@@ -1,6 +1,7 @@
 """Language ID and duplicate detection, unit level (prepare-level checks are in test_prepare_data.py)."""
 import pytest
 
+from medgen.data import filters
 from medgen.data.filters import ExactDuplicates, LanguageFilter, NearDuplicates
 from medgen.errors import UserError
 from tests.articles import FRENCH, GERMAN, SPANISH, english
@@ -18,6 +19,12 @@ def test_language_is_detected_from_the_text(lang):
 
 def test_text_without_language_is_undetermined(lang):
     assert lang.detect("1234 5678 90 !!! 3.14 ?? 42 %% 17") == "und"
+
+
+def test_language_codes_validate_knows_are_the_models():
+    from py3langid.langid import MODEL_FILE, LanguageIdentifier
+
+    assert set(LanguageIdentifier.from_model_file(MODEL_FILE).labels) == filters.LANGID_LABELS
 
 
 def test_unknown_language_code_is_a_user_error():

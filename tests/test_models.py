@@ -1,4 +1,4 @@
-from medgen import models
+from medgen import config, models
 
 
 def test_offline_gpt2_tokenizer_is_the_real_one():
@@ -10,6 +10,7 @@ def test_offline_gpt2_tokenizer_is_the_real_one():
 def test_tiny_gpt2_uses_the_gpt2_architecture_and_conv1d_lora_defaults():
     model = models.load_model("tiny-gpt2")
     assert model.config.model_type == "gpt2" and model.config.n_positions == 1024
+    assert model.config.n_layer == config.BUILTIN_LAYERS["tiny-gpt2"]  # what validate checks lora.top_layers with
     targets, fan_in_fan_out = models.lora_targets(model, [])
     assert targets == ["c_attn", "c_proj", "c_fc"] and fan_in_fan_out is True
     assert models.lora_targets(model, ["c_attn"])[0] == ["c_attn"]
@@ -51,3 +52,10 @@ def test_linear_names_and_top_layers_on_a_llama():
     assert models.top_layers(llama, 0) is None and models.top_layers(llama, 3) == [1, 2, 3]
     with pytest.raises(UserError, match="lora.top_layers: 5 > the 4 blocks of llama"):
         models.top_layers(llama, 5)
+
+
+def test_smollm2_layer_count_known_to_validate_is_the_gguf_files():
+    from transformers import AutoConfig
+
+    c = AutoConfig.from_pretrained(models._smollm2_dir(), gguf_file=models.SMOLLM2_GGUF)
+    assert c.num_hidden_layers == config.BUILTIN_LAYERS["smollm2-135m"]
