@@ -8,7 +8,7 @@ import os
 import sys
 import warnings
 
-from medgen.errors import ConfigError, UserError
+from medgen.errors import EXIT_TRY_AGAIN, ConfigError, StorageUnavailable, UserError
 
 STAGE_HELP = {
     "prepare": "CSV -> cleaned, deduplicated, split, tokenized Parquet shards + manifest",
@@ -85,6 +85,11 @@ def main(argv: list[str] | None = None) -> int:
         for problem in e.problems:
             print(f"medgen: config error: {problem}", file=sys.stderr)
         return 2
+    except StorageUnavailable as e:
+        if args.debug:
+            raise
+        print(f"medgen: error: {e}", file=sys.stderr)
+        return EXIT_TRY_AGAIN
     except UserError as e:
         if args.debug:
             raise

@@ -69,8 +69,9 @@ def _held_out_texts(cfg: Config, limit: int = 200) -> list[str]:
     from medgen.data.stream import load_articles
 
     try:
-        manifest = shards.read_manifest(cfg.shards_url, cfg.data.storage_options)
-        rows = load_articles(cfg.shards_url, manifest, cfg.data.storage_options, cfg.eval.split, ("text",))
+        manifest = shards.read_manifest(cfg.shards_url, cfg.data.storage_options, cfg.data.retry_seconds)
+        rows = load_articles(cfg.shards_url, manifest, cfg.data.storage_options, cfg.eval.split, ("text",),
+                             cfg.data.retry_seconds)
     except Exception as e:  # the report still renders without this section
         log.warning("report: no held-out texts (%s)", e)
         return []
