@@ -123,6 +123,22 @@ def test_the_store_saying_no_is_not_retried(proxy, s3_server):
     assert is_transient(e.value), repr(e.value)
 
 
+def test_source_read_resumes_at_the_byte_it_reached(proxy, s3_server, caplog):
+    from medgen.data.read import open_source
+
+    data = bytes(range(256)) * 4096  # 1 MiB, read in 64 KiB requests
+    path = f"{s3_server['bucket']}/unit-source.csv"
+    _s3(s3_server["endpoint"]).pipe_file(path, data)
+    opts = {"default_block_size": 1 << 16, "client_kwargs": {"endpoint_url": proxy.url},
+            "config_kwargs": {"connect_timeout": 1, "read_timeout": 1, "retries": {"total_max_attempts": 1}}}
+    reader = open_source(f"s3://{path}", opts, retry_seconds=20)
+    proxy.fault_on("GET /" + path, "reset", 1.0, after=5)  # the 5th range request, mid-file
+    with caplog.at_level(logging.WARNING, logger="medgen.data.retry"):
+        got = b"".join(iter(lambda: reader.read(10_000), b""))
+    assert proxy.outages == 1 and len(caplog.records) == 1, caplog.text
+    assert got == data and reader.sha256.hexdigest() == hashlib.sha256(data).hexdigest()
+
+
 # --------------------------------------------------------------------------- prepare
 
 
