@@ -1,7 +1,8 @@
 """A fault-injecting TCP proxy for tests: client -> proxy -> real server, with outages on demand.
 
 Modes: ``pass`` forwards; ``refuse`` closes the listening socket (connect() is refused); ``reset`` accepts
-and resets every connection (RST); ``stall`` accepts and forwards nothing either way. Entering a fault mode
+and resets every connection (RST); ``stall`` accepts and forwards nothing either way; ``busy`` answers every
+request with S3's throttling reply (HTTP 503 SlowDown). Entering a fault mode
 resets the connections open at that moment, so a pooled keep-alive connection cannot bypass the outage.
 ``fault_on(pattern, mode, seconds, after=k)`` starts an outage when the k-th request whose first line
 contains ``pattern`` arrives (that request is caught by it), lasting ``seconds`` (None: until ``set('pass')``).
@@ -14,6 +15,9 @@ import threading
 import time
 
 LINGER_RST = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
+SLOW_DOWN = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+BUSY = (b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\nConnection: close\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(SLOW_DOWN), SLOW_DOWN))
 
 
 def _rst(sock: socket.socket) -> None:
@@ -103,7 +107,12 @@ class FaultProxy:
             first = client.recv(65536)
             while first and self.mode == "stall" and client in self._conns:
                 time.sleep(0.05)  # hold the request until the stall ends or the connection is reset
-            if not first or self.mode != "pass" or self._check_trigger(first):
+            triggered = first and self.mode == "pass" and self._check_trigger(first)
+            if first and self.mode == "busy":
+                client.sendall(BUSY)  # a HEAD's reply has no body: the client ignores the extra bytes
+                client.close()
+                return
+            if not first or self.mode != "pass" or triggered:
                 _rst(client)
                 return
             server = socket.create_connection(self.upstream)

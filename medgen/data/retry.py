@@ -39,9 +39,12 @@ def _chain(e: BaseException | None):
 
 
 def _transient_one(e: BaseException) -> bool:
+    names = [c.__name__ for c in type(e).__mro__]
+    if any("SSL" in n or "Certificate" in n for n in names):  # a TLS setup problem never heals by itself
+        return False
     if isinstance(e, (ConnectionError, TimeoutError, socket.timeout)):  # refused, reset, aborted, timed out
         return True
-    if any(c.__name__ in TRANSIENT_NAMES for c in type(e).__mro__):
+    if any(n in TRANSIENT_NAMES for n in names):
         return True
     response = getattr(e, "response", None)  # botocore ClientError
     if isinstance(response, dict):
