@@ -139,6 +139,19 @@ def test_source_read_resumes_at_the_byte_it_reached(proxy, s3_server, caplog):
     assert got == data and reader.sha256.hexdigest() == hashlib.sha256(data).hexdigest()
 
 
+def test_outage_lines_carry_no_credentials(caplog):
+    err = ConnectionRefusedError('Could not connect to "http://AKIAX:s3cr3t@store:9/b/k?X-Amz-Signature=f00"')
+
+    def refused():
+        raise err
+
+    with caplog.at_level(logging.WARNING, logger="medgen.data.retry"), pytest.raises(StorageUnavailable) as e:
+        retrying(refused, "data.source", "s3://AKIAX:s3cr3t@bucket/raw.csv?sig=f00", 0.1, sleep=lambda s: None)
+    for text in (str(e.value), caplog.text):
+        assert "s3://bucket/raw.csv" in text and "http://store:9/b/k" in text
+        assert not [secret for secret in ("AKIAX", "s3cr3t", "f00") if secret in text], text
+
+
 # --------------------------------------------------------------------------- prepare
 
 

@@ -11,7 +11,7 @@ import socket
 import time
 from typing import Callable, TypeVar
 
-from medgen.data.storage import first_line, redact
+from medgen.data.storage import first_line, redact, redact_text
 from medgen.errors import StorageUnavailable, UserError
 
 log = logging.getLogger(__name__)
@@ -64,8 +64,8 @@ def is_transient(e: BaseException) -> bool:
 
 def unavailable(key: str, url: str, seconds: float, e: BaseException) -> StorageUnavailable:
     return StorageUnavailable(
-        f"{key}: {redact(url)}: object store unreachable for {seconds:.0f} s ({type(e).__name__}: "
-        f"{first_line(e)}); the job can be rerun (exit 75) once it is back")
+        f"{key}: {redact(url)}: object store unreachable for {seconds:.0f} s ({_reason(e)}); "
+        f"the job can be rerun (exit 75) once it is back")
 
 
 def retrying(fn: Callable[[], T], key: str, url: str, window: float, sleep: Callable[[float], None] = time.sleep) -> T:
@@ -94,4 +94,4 @@ def retrying(fn: Callable[[], T], key: str, url: str, window: float, sleep: Call
 
 
 def _reason(e: BaseException) -> str:
-    return f"{type(e).__name__}: {first_line(e)}"
+    return f"{type(e).__name__}: {redact_text(first_line(e))}"

@@ -6,6 +6,7 @@ so the same mistake reads the same wherever it happens. URLs are shown without c
 from __future__ import annotations
 
 import contextlib
+import re
 from typing import Iterator
 
 from medgen.errors import UserError
@@ -34,6 +35,11 @@ def redact(url: str) -> str:
     host, slash, path = rest.partition("/")
     host = host.rpartition("@")[2]
     return f"{scheme}://{host}{slash}{path.split('?')[0]}"
+
+
+def redact_text(text: str) -> str:
+    """Every URL in ``text`` (a client library's message) without user:password@ and query string."""
+    return re.sub(r"([a-z][a-z0-9+.-]*://)([^\s/\"'@]*@)?([^\s?\"']*)(\?[^\s\"']*)?", r"\1\3", text)
 
 
 def first_line(e: BaseException) -> str:
