@@ -185,6 +185,7 @@ def undisturbed(source, s3_server, tmp_path_factory):
     return url, _shard_bytes(s3_server, url)
 
 
+@pytest.mark.slow  # a few CLI runs each
 def test_prepare_rides_out_a_short_outage_during_the_shard_writes(proxy, source, s3_server, undisturbed):
     url = f"s3://{s3_server['bucket']}/outage/short"
     proxy.fault_on("part-", "refuse", 1.5, after=3)  # the third shard upload meets a 1.5 s outage
@@ -195,6 +196,7 @@ def test_prepare_rides_out_a_short_outage_during_the_shard_writes(proxy, source,
     _no_secrets(err, s3_server)
 
 
+@pytest.mark.slow  # a few CLI runs each
 def test_prepare_outage_longer_than_the_window_exits_75_and_publishes_nothing(proxy, source, s3_server, undisturbed):
     url = f"s3://{s3_server['bucket']}/outage/long"
     proxy.fault_on("part-", "reset", None, after=3)
@@ -239,6 +241,7 @@ def reference(undisturbed, s3_server, tmp_path_factory):
     return run_dir, reads
 
 
+@pytest.mark.slow  # a few CLI runs each
 def test_train_rides_out_a_short_outage(proxy, tmp_path, s3_server, undisturbed, reference):
     proxy.fault_on("part-", "refuse", 1.5, after=reference[1] - 1)  # a shard read mid-training
     err = _medgen(proxy, *_train_args(tmp_path / "run", undisturbed[0], "data.retry_seconds=30"))
@@ -248,6 +251,7 @@ def test_train_rides_out_a_short_outage(proxy, tmp_path, s3_server, undisturbed,
     _no_secrets(err, s3_server)
 
 
+@pytest.mark.slow  # a few CLI runs each
 def test_train_outage_longer_than_the_window_exits_75_and_the_rerun_resumes(proxy, tmp_path, s3_server,
                                                                          undisturbed, reference):
     run_dir = tmp_path / "run"
