@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from medgen.errors import ConfigError, UserError
+from medgen.errors import EXIT_TRY_AGAIN, ConfigError, StorageUnavailable, UserError
 from medgen.logs import logging_for
 
 STAGE_HELP = {
@@ -68,6 +68,11 @@ def main(argv: list[str] | None = None) -> int:
         for problem in e.problems:
             print(f"medgen: config error: {problem}", file=sys.stderr)
         return 2
+    except StorageUnavailable as e:
+        if args.debug:
+            raise
+        print(f"medgen: error: {e}", file=sys.stderr)
+        return EXIT_TRY_AGAIN
     except UserError as e:
         if args.debug:
             raise

@@ -65,6 +65,10 @@ class DataConfig:
     val_fraction: float = opt(0.1, "Fraction of articles in the validation split (by hash of the article id).")
     test_fraction: float = opt(0.1, "Fraction of articles in the test split (by hash of the article id).")
     storage_options: dict[str, Any] = opt({}, "Extra fsspec storage options (never credentials: use the environment).")
+    retry_seconds: float = opt(
+        300.0, "How long object-store I/O retries an outage (refused, reset, timeout, 5xx, throttling), backing off "
+        "0.5 s doubling to 15 s; then exit 75 (rerun once the store is back). 0 = fail at once."
+    )
 
 
 @dataclass
@@ -376,7 +380,7 @@ def _check(cfg: Config) -> list[str]:
         "lora.r": cfg.lora.r, "train.keep_checkpoints": t.keep_checkpoints,
     }
     p += [f"{k}: must be > 0 (got {v})" for k, v in positive.items() if v <= 0]
-    non_negative = {"lora.top_layers": cfg.lora.top_layers, "train.save_steps": t.save_steps,
+    non_negative = {"data.retry_seconds": d.retry_seconds, "lora.top_layers": cfg.lora.top_layers, "train.save_steps": t.save_steps,
                     "train.data_streams": t.data_streams, "train.loraplus_lr_ratio": t.loraplus_lr_ratio, "eval.max_articles": e.max_articles,
                     "eval.top_tags": e.top_tags, "eval.threads": e.threads,
                     "generate.batch_size": g.batch_size}

@@ -12,3 +12,10 @@ class ConfigError(UserError):
     def __init__(self, problems: list[str]):
         self.problems = problems
         super().__init__("; ".join(problems))
+
+
+EXIT_TRY_AGAIN = 75  # EX_TEMPFAIL: the launcher (SLURM) requeues, the rerun resumes
+
+
+class StorageUnavailable(UserError):
+    """The object store stayed unreachable for the whole retry window: rerun once it is back (exit 75)."""

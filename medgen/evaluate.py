@@ -250,9 +250,10 @@ def run(cfg: Config) -> dict[str, Any]:
 
 
 def _load_split(cfg: Config, tok) -> list[dict]:
-    manifest = shards.read_manifest(cfg.shards_url, cfg.data.storage_options)
+    manifest = shards.read_manifest(cfg.shards_url, cfg.data.storage_options, cfg.data.retry_seconds)
     shards.check_tokenizer(manifest, models.tokenizer_fingerprint(tok), cfg.model.name_or_path, cfg.shards_url)
-    articles = stream.load_articles(cfg.shards_url, manifest, cfg.data.storage_options, cfg.eval.split)
+    articles = stream.load_articles(cfg.shards_url, manifest, cfg.data.storage_options, cfg.eval.split,
+                                    retry_seconds=cfg.data.retry_seconds)
     if not articles:
         raise UserError(f"eval.split={cfg.eval.split}: the prepared dataset has no articles in this split")
     return articles[:cfg.eval.max_articles] if cfg.eval.max_articles else articles

@@ -30,7 +30,8 @@ from transformers import GenerationConfig, LogitsProcessor, StoppingCriteria
 
 from medgen import models
 from medgen.config import ASSETS, Config, GenerateConfig
-from medgen.data.storage import redact, storage_errors
+from medgen.data.retry import RETRY_SECONDS, retrying
+from medgen.data.storage import fs_options, redact, storage_errors
 from medgen.dist import process_state
 from medgen.errors import UserError
 
@@ -46,11 +47,16 @@ Key = tuple[str, int]
 # --------------------------------------------------------------------------- prompts
 
 
-def read_prompts(url: str, storage_options: dict | None = None) -> list[dict[str, Any]]:
+def read_prompts(url: str, storage_options: dict | None = None,
+                 retry_seconds: float = RETRY_SECONDS) -> list[dict[str, Any]]:
     """JSONL objects with ``id`` and ``prompt`` (other fields carried through), or one prompt per text line."""
-    with storage_errors("generate.prompts", url), \
-            fsspec.open(url, "r", encoding="utf-8", compression="infer", **(storage_options or {})) as f:
-        text = f.read()
+    def read() -> str:
+        with fsspec.open(url, "r", encoding="utf-8", compression="infer",
+                         **fs_options(url, storage_options or {})) as f:
+            return f.read()
+
+    with storage_errors("generate.prompts", url):
+        text = retrying(read, "generate.prompts", url, retry_seconds)
     plain = url.removesuffix(".gz").removesuffix(".bz2").removesuffix(".zst").removesuffix(".xz")
     return parse_prompts(text, redact(url), plain.endswith((".jsonl", ".json")))
 
@@ -327,7 +333,7 @@ def run(cfg: Config) -> dict[str, Any]:
     if g.prompts == STDIN:
         raise UserError("generate.prompts=- (stdin) works with `medgen generate` only")
     state = process_state()
-    items = expand(read_prompts(g.prompts, cfg.data.storage_options), g.num_samples)
+    items = expand(read_prompts(g.prompts, cfg.data.storage_options, cfg.data.retry_seconds), g.num_samples)
     out_dir = Path(cfg.run.dir) / "generations"
     out_dir.mkdir(parents=True, exist_ok=True)
     header = provenance(cfg)

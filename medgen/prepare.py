@@ -44,8 +44,8 @@ def run(cfg: Config) -> dict[str, Any]:
     rows = RowFilter(d)
     tok = models.load_tokenizer(cfg.model.name_or_path, cfg.model.revision)
     t0 = time.time()
-    source = read.open_source(d.source, d.storage_options)
-    writer = shards.ShardWriter(cfg.shards_url, d.storage_options, d.num_shards)
+    source = read.open_source(d.source, d.storage_options, d.retry_seconds)
+    writer = shards.ShardWriter(cfg.shards_url, d.storage_options, d.num_shards, d.retry_seconds)
     try:
         rows_read = _write_articles(source, rows, tok, writer, d)
         split_stats = writer.finish()
@@ -197,7 +197,7 @@ class RowFilter:
 def _data_config_hash(cfg: Config) -> str:
     import json
 
-    d = {k: v for k, v in cfg.to_dict()["data"].items() if k not in ("storage_options", "shards")}
+    d = {k: v for k, v in cfg.to_dict()["data"].items() if k not in ("storage_options", "shards", "retry_seconds")}
     d["tokenizer"] = cfg.model.name_or_path
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 

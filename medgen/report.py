@@ -17,6 +17,7 @@ from typing import Any
 
 from medgen.config import Config
 from medgen.data import shards
+from medgen.data.retry import retrying
 from medgen.models import versions
 
 log = logging.getLogger(__name__)
@@ -38,10 +39,11 @@ def _jsonl(path: Path) -> list[dict]:
 def _prepare_report(cfg: Config) -> dict | None:
     fs, root = shards.filesystem(cfg.shards_url, cfg.data.storage_options)
     path = f"{root}/{shards.REPORT}"
-    if not fs.exists(path):
+    try:
+        text = retrying(lambda: fs.cat_file(path), "data.shards", cfg.shards_url, cfg.data.retry_seconds)
+    except FileNotFoundError:
         return None
-    with fs.open(path) as f:
-        return json.load(f)
+    return json.loads(text)
 
 
 def _base_completions(cfg: Config, gens: list[dict], n: int = 4) -> None:
@@ -69,8 +71,9 @@ def _held_out_texts(cfg: Config, limit: int = 200) -> list[str]:
     from medgen.data.stream import load_articles
 
     try:
-        manifest = shards.read_manifest(cfg.shards_url, cfg.data.storage_options)
-        rows = load_articles(cfg.shards_url, manifest, cfg.data.storage_options, cfg.eval.split, ("text",))
+        manifest = shards.read_manifest(cfg.shards_url, cfg.data.storage_options, cfg.data.retry_seconds)
+        rows = load_articles(cfg.shards_url, manifest, cfg.data.storage_options, cfg.eval.split, ("text",),
+                             cfg.data.retry_seconds)
     except Exception as e:  # the report still renders without this section
         log.warning("report: no held-out texts (%s)", e)
         return []

@@ -272,7 +272,7 @@ def build_trainer(cfg: Config):
 
     t = cfg.train
     tok = models.load_tokenizer(cfg.model.name_or_path, cfg.model.revision)
-    manifest = shards.read_manifest(cfg.shards_url, cfg.data.storage_options)
+    manifest = shards.read_manifest(cfg.shards_url, cfg.data.storage_options, cfg.data.retry_seconds)
     shards.check_tokenizer(manifest, models.tokenizer_fingerprint(tok), cfg.model.name_or_path, cfg.shards_url)
     precision = resolve_precision(t.precision)
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(Path(cfg.run.dir) / "tensorboard"))
@@ -281,7 +281,7 @@ def build_trainer(cfg: Config):
     streams = t.data_streams or world
     try:
         dataset = PackedStream(cfg.shards_url, manifest, cfg.data.storage_options, t.max_length, tok.eos_token_id,
-                               t.packing, streams, rank, world)
+                               t.packing, streams, rank, world, retry_seconds=cfg.data.retry_seconds)
     except ValueError as e:
         raise UserError(f"train: {e}") from None
     model = models.load_model(cfg.model.name_or_path, cfg.model.revision, torch.float32)

@@ -40,7 +40,7 @@ def test_unreachable_object_store(tmp_path):
     env = {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s",
            "AWS_MAX_ATTEMPTS": "1", "AWS_RETRY_MODE": "standard"}
     _one_line_error(medgen("prepare", *TINY, f"run.dir={tmp_path}", "data.source=s3://nowhere/raw.csv",
-                    env=env, check=False, timeout=300), "s3://nowhere/raw.csv")
+                    "data.retry_seconds=0", env=env, check=False, timeout=300), "s3://nowhere/raw.csv")
 
 
 def test_missing_credentials(tmp_path, s3_server):

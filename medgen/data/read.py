@@ -13,7 +13,8 @@ from typing import Iterator
 import fsspec
 import pandas as pd
 
-from medgen.data.storage import first_line, redact, storage_errors
+from medgen.data.retry import RETRY_SECONDS, retrying
+from medgen.data.storage import first_line, fs_options, redact, storage_errors
 from medgen.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -34,16 +35,34 @@ class Columns:
 
 
 class HashingReader(io.RawIOBase):
-    """A read-only byte stream that hashes and counts what passes through it."""
+    """A read-only byte stream that hashes and counts what passes through it.
 
-    def __init__(self, raw):
+    With ``reopen`` (a function that opens the source again) a read that fails in an outage is retried
+    from the byte reached, on a fresh connection, so no byte is read twice or skipped."""
+
+    def __init__(self, raw, reopen=None, url: str = "", retry_seconds: float = 0):
         self.raw, self.sha256, self.bytes = raw, hashlib.sha256(), 0
+        self.reopen, self.url, self.retry_seconds = reopen, url, retry_seconds
 
     def readable(self) -> bool:
         return True
 
+    def _read(self, n: int) -> bytes:
+        if self.raw is None:
+            self.raw = self.reopen()
+            self.raw.seek(self.bytes)
+        try:
+            return self.raw.read(n)
+        except Exception:
+            if self.reopen:
+                self.raw = None
+            raise
+
     def readinto(self, b) -> int:
-        data = self.raw.read(len(b))
+        if self.reopen is None:
+            data = self._read(len(b))
+        else:
+            data = retrying(lambda: self._read(len(b)), "data.source", self.url, self.retry_seconds)
         n = len(data)
         b[:n] = data
         self.sha256.update(data)
@@ -51,9 +70,12 @@ class HashingReader(io.RawIOBase):
         return n
 
 
-def open_source(url: str, storage_options: dict) -> HashingReader:
+def open_source(url: str, storage_options: dict, retry_seconds: float = RETRY_SECONDS) -> HashingReader:
+    def reopen():
+        return fsspec.open(url, "rb", **fs_options(url, storage_options)).open()
+
     with storage_errors("data.source", url):
-        return HashingReader(fsspec.open(url, "rb", **storage_options).open())
+        return HashingReader(retrying(reopen, "data.source", url, retry_seconds), reopen, url, retry_seconds)
 
 
 MAX_FIELD_CHARS = 64 << 20  # a longer field is an unmatched quote swallowing the file, not an article

@@ -9,7 +9,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 import posixpath
+import tempfile
 import uuid
 from typing import Any, NamedTuple
 
@@ -17,7 +19,8 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from medgen.data.storage import first_line, redact, storage_error, storage_errors
+from medgen.data.retry import RETRY_SECONDS, retrying
+from medgen.data.storage import first_line, fs_options, redact, storage_error, storage_errors
 from medgen.data.split import SPLITS
 from medgen.errors import UserError
 
@@ -39,7 +42,7 @@ SCHEMA = pa.schema([
 
 def filesystem(url: str, storage_options: dict) -> tuple[fsspec.AbstractFileSystem, str]:
     try:
-        return fsspec.core.url_to_fs(url, **storage_options)
+        return fsspec.core.url_to_fs(url, **fs_options(url, storage_options))
     except (ValueError, ImportError) as e:
         raise UserError(f"cannot use {redact(url)}: {first_line(e)}") from None
 
@@ -82,13 +85,18 @@ class _HashingWriter:
 
 
 class ShardWriter:
-    """One ParquetWriter per (split, shard), rows buffered into row groups."""
+    """One ParquetWriter per (split, shard), rows buffered into row groups.
+
+    On an object store each shard is written to a local temporary file and uploaded whole by ``finish``,
+    so an outage retries one idempotent upload (``data.retry_seconds``), never a half-streamed one."""
 
     ROW_GROUP = 128  # rows buffered per shard file; bounds prepare's memory and each row group a reader decodes
 
-    def __init__(self, url: str, storage_options: dict, num_shards: int):
+    def __init__(self, url: str, storage_options: dict, num_shards: int, retry_seconds: float = RETRY_SECONDS):
         self.fs, self.root = filesystem(url, storage_options)
-        self.url, self.num_shards = url, num_shards
+        self.url, self.num_shards, self.retry_seconds = url, num_shards, retry_seconds
+        self.local = _is_local(self.fs)
+        self.staging = None if self.local else tempfile.TemporaryDirectory(prefix="medgen-shards-")
         self.tmp = posixpath.join(self.root, f"_tmp-{uuid.uuid4().hex[:12]}")
         self.buffers: dict[tuple[str, int], list[dict]] = {}
         self.writers: dict[tuple[str, int], tuple[pq.ParquetWriter, _HashingWriter]] = {}
@@ -99,9 +107,30 @@ class ShardWriter:
     def _preflight(self) -> None:
         """Fail now, not after hours of work, when the destination cannot be written; never create a bucket
         (s3fs's makedirs would), so object stores get a probe write before any makedirs."""
-        if _is_local(self.fs):
+        if self.local:
             self.fs.makedirs(self.tmp, exist_ok=True)
-        self.fs.pipe(posixpath.join(self.tmp, ".probe"), b"")
+        self._retry(lambda: self.fs.pipe(posixpath.join(self.tmp, ".probe"), b""))
+
+    def _retry(self, fn):
+        return retrying(fn, "data.shards", self.url, self.retry_seconds)
+
+    def _open(self, key: tuple[str, int]) -> None:
+        """A Parquet writer for the shard: into its final temp path (local) or a local staging file."""
+        rel = self.relpath(*key, self.num_shards)
+        if self.local:
+            path = posixpath.join(self.tmp, rel)
+            self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+            f = self.fs.open(path, "wb")
+        else:
+            f = open(posixpath.join(self.staging.name, rel.replace("/", "-")), "wb")
+        hw = _HashingWriter(f)
+        self.writers[key] = (pq.ParquetWriter(hw, SCHEMA, compression="zstd"), hw)
+
+    def _upload(self, key: tuple[str, int]) -> None:
+        rel = self.relpath(*key, self.num_shards)
+        local = posixpath.join(self.staging.name, rel.replace("/", "-"))
+        self._retry(lambda: self.fs.put_file(local, posixpath.join(self.tmp, rel)))
+        os.remove(local)
 
     @staticmethod
     def relpath(split: str, shard: int, num_shards: int) -> str:
@@ -123,10 +152,7 @@ class ShardWriter:
         if not rows:
             return
         if key not in self.writers:
-            path = posixpath.join(self.tmp, self.relpath(*key, self.num_shards))
-            self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
-            hw = _HashingWriter(self.fs.open(path, "wb"))
-            self.writers[key] = (pq.ParquetWriter(hw, SCHEMA, compression="zstd"), hw)
+            self._open(key)
         self.writers[key][0].write_table(pa.Table.from_pylist(rows, schema=SCHEMA))
         self.buffers[key] = []
 
@@ -138,15 +164,14 @@ class ShardWriter:
                 key = (split, shard)
                 if key not in self.writers and not self.buffers.get(key):
                     self.buffers[key] = []
-                    path = posixpath.join(self.tmp, self.relpath(split, shard, self.num_shards))
-                    self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
-                    hw = _HashingWriter(self.fs.open(path, "wb"))
-                    self.writers[key] = (pq.ParquetWriter(hw, SCHEMA, compression="zstd"), hw)
+                    self._open(key)
                 self._flush(key)
         splits: dict[str, Any] = {s: {"articles": 0, "tokens": 0, "shards": []} for s in SPLITS}
         for (split, shard), (writer, hw) in sorted(self.writers.items()):
             writer.close()
             hw.close()
+            if not self.local:
+                self._upload((split, shard))
             st = self.stats.get((split, shard), {"rows": 0, "tokens": 0})
             splits[split]["shards"].append({
                 "path": self.relpath(split, shard, self.num_shards), "rows": st["rows"], "tokens": st["tokens"],
@@ -161,18 +186,20 @@ class ShardWriter:
         """Move the shards into place, then write the report and (last) the manifest."""
         fs, root = self.fs, self.root
         manifest_path = posixpath.join(root, MANIFEST)
-        if fs.exists(manifest_path):
-            fs.rm(manifest_path)  # from here on no manifest points at shards being replaced
+        self._retry(lambda: _rm_if_exists(fs, manifest_path))  # from here on no manifest points at shards being replaced
         for split in SPLITS:
             final_dir = posixpath.join(root, split)
-            if fs.exists(final_dir):
-                fs.rm(final_dir, recursive=True)
+            self._retry(lambda: _rm_if_exists(fs, final_dir, recursive=True))
             for entry in manifest["splits"][split]["shards"]:
-                fs.makedirs(final_dir, exist_ok=True)
-                fs.mv(posixpath.join(self.tmp, entry["path"]), posixpath.join(root, entry["path"]))
+                src, dst = posixpath.join(self.tmp, entry["path"]), posixpath.join(root, entry["path"])
+                if self.local:
+                    fs.makedirs(final_dir, exist_ok=True)
+                    fs.mv(src, dst)
+                else:  # a copy can be repeated; the temp prefix is removed below
+                    self._retry(lambda: fs.copy(src, dst))
         self.abort()
-        write_atomic(posixpath.join(root, REPORT), json.dumps(report, indent=2), fs)
-        write_atomic(manifest_path, json.dumps(manifest, indent=2), fs)
+        self._retry(lambda: write_atomic(posixpath.join(root, REPORT), json.dumps(report, indent=2), fs))
+        self._retry(lambda: write_atomic(manifest_path, json.dumps(manifest, indent=2), fs))
 
     def abort(self) -> None:
         """Best effort: close and delete the temporary shards (a failure here must not hide the first one)."""
@@ -183,10 +210,18 @@ class ShardWriter:
             except Exception:
                 pass
         try:
+            if self.staging:
+                self.staging.cleanup()
             if self.fs.exists(self.tmp):
                 self.fs.rm(self.tmp, recursive=True)
         except Exception:
             pass
+
+
+def _rm_if_exists(fs: fsspec.AbstractFileSystem, path: str, recursive: bool = False) -> None:
+    fs.invalidate_cache(path)  # a listing cached before an outage must not hide or invent the path
+    if fs.exists(path):
+        fs.rm(path, recursive=recursive)
 
 
 def write_atomic(path: str, text: str, fs: fsspec.AbstractFileSystem | None = None) -> None:
@@ -198,12 +233,11 @@ def write_atomic(path: str, text: str, fs: fsspec.AbstractFileSystem | None = No
     fs.mv(tmp, path)
 
 
-def read_manifest(url: str, storage_options: dict) -> dict[str, Any]:
+def read_manifest(url: str, storage_options: dict, retry_seconds: float = RETRY_SECONDS) -> dict[str, Any]:
     fs, root = filesystem(url, storage_options)
     path = posixpath.join(root, MANIFEST)
     try:
-        with fs.open(path, "r") as f:
-            return json.load(f)
+        return json.loads(retrying(lambda: fs.cat_file(path), "data.shards", url, retry_seconds))
     except FileNotFoundError:
         raise UserError(
             f"data.shards: no {MANIFEST} at {redact(url)}; run `medgen prepare` first (or point data.shards at a prepared dataset)"
@@ -232,18 +266,17 @@ def shard_refs(url: str, manifest: dict[str, Any], split: str) -> list[ShardRef]
     return refs
 
 
-def open_shard(ref: ShardRef, storage_options: dict) -> pq.ParquetFile:
+def open_shard(ref: ShardRef, storage_options: dict, retry_seconds: float = RETRY_SECONDS) -> pq.ParquetFile:
     """The shard's bytes, read once and checked against the manifest (size, then SHA-256), as a ParquetFile.
 
     The one place where training and evaluation read a shard: nothing of a shard is parsed, let alone
     handed to a model, before all of its bytes match what ``prepare`` wrote. A flipped byte, a truncated
     or extended file, or another valid shard copied over it is a one-line UserError (exit 2).
-    The whole shard is held in memory while it is read (its compressed size).
+    The whole shard is held in memory while it is read (its compressed size); an outage retries the read.
     """
     fs, path = filesystem(ref.url, storage_options)
     with storage_errors("data.shards", ref.url):
-        with fs.open(path, "rb") as f:
-            data = f.read()
+        data = retrying(lambda: fs.cat_file(path), "data.shards", ref.url, retry_seconds)
     digest = hashlib.sha256(data).hexdigest() if len(data) == ref.bytes else None
     if digest != ref.sha256:
         found = digest or hashlib.sha256(data).hexdigest()

@@ -6,6 +6,7 @@ so the same mistake reads the same wherever it happens. URLs are shown without c
 from __future__ import annotations
 
 import contextlib
+import re
 from typing import Iterator
 
 from medgen.errors import UserError
@@ -13,6 +14,17 @@ from medgen.errors import UserError
 # Client libraries whose exceptions mean "the object store said no", not "medgen has a bug".
 STORAGE_MODULES = ("botocore", "aiobotocore", "s3fs", "gcsfs", "google", "adlfs", "azure")
 CREDENTIALS = "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY"
+# botocore's own defaults (60 s timeouts, 5 attempts, under s3fs's 5 retries) take up to 25 minutes to notice
+# a stalled store; medgen retries outages itself (medgen/data/retry.py), so one attempt fails fast.
+S3_CLIENT_DEFAULTS = {"connect_timeout": 10, "read_timeout": 20, "retries": {"total_max_attempts": 1}}
+
+
+def fs_options(url: str, storage_options: dict) -> dict:
+    """``storage_options`` plus bounded client timeouts for s3:// (each only where the user set none)."""
+    if not url.startswith(("s3://", "s3a://")):
+        return storage_options
+    config = {**S3_CLIENT_DEFAULTS, **storage_options.get("config_kwargs", {})}
+    return {**storage_options, "config_kwargs": config}
 
 
 def redact(url: str) -> str:
@@ -23,6 +35,11 @@ def redact(url: str) -> str:
     host, slash, path = rest.partition("/")
     host = host.rpartition("@")[2]
     return f"{scheme}://{host}{slash}{path.split('?')[0]}"
+
+
+def redact_text(text: str) -> str:
+    """Every URL in ``text`` (a client library's message) without user:password@ and query string."""
+    return re.sub(r"([a-z][a-z0-9+.-]*://)([^\s/\"'@]*@)?([^\s?\"']*)(\?[^\s\"']*)?", r"\1\3", text)
 
 
 def first_line(e: BaseException) -> str:
@@ -46,22 +63,27 @@ def storage_error(e: Exception, key: str, url: str) -> Exception:
 
 @contextlib.contextmanager
 def storage_errors(key: str, url: str, writing: bool = False) -> Iterator[None]:
-    """Turn a storage failure (missing file or bucket, bad credentials, read-only path) into one UserError."""
+    """Turn a storage failure (missing file or bucket, bad credentials, read-only path, a store never
+    reached) into one UserError; outages are retried inside it (medgen/data/retry.py)."""
     try:
         yield
-    except FileNotFoundError:
+    except Exception as e:
+        raise _mapped(e, key, url, writing) from None
+
+
+def _mapped(e: Exception, key: str, url: str, writing: bool) -> Exception:
+    if isinstance(e, FileNotFoundError):
         if writing:
-            raise UserError(f"{key}: {redact(url)} does not exist (no such bucket or directory); "
-                            f"create it or fix {key}") from None
-        raise UserError(f"{key}: not found: {redact(url)}; check the path "
-                        f"(for s3:// the bucket, the key and AWS_ENDPOINT_URL)") from None
-    except PermissionError as e:
-        raise UserError(f"{key}: access denied to {redact(url)} ({first_line(e)}); "
-                        f"check the credentials in the environment ({CREDENTIALS})") from None
-    except (ValueError, ImportError) as e:  # unknown protocol, missing filesystem package, bad options
-        raise UserError(f"{key}: cannot use {redact(url)}: {first_line(e)}") from None
-    except OSError as e:
+            return UserError(f"{key}: {redact(url)} does not exist (no such bucket or directory); "
+                             f"create it or fix {key}")
+        return UserError(f"{key}: not found: {redact(url)}; check the path "
+                         f"(for s3:// the bucket, the key and AWS_ENDPOINT_URL)")
+    if isinstance(e, PermissionError):
+        return UserError(f"{key}: access denied to {redact(url)} ({first_line(e)}); "
+                         f"check the credentials in the environment ({CREDENTIALS})")
+    if isinstance(e, (ValueError, ImportError)):  # unknown protocol, missing filesystem package, bad options
+        return UserError(f"{key}: cannot use {redact(url)}: {first_line(e)}")
+    if isinstance(e, OSError):
         verb = "write to" if writing else "read"
-        raise UserError(f"{key}: cannot {verb} {redact(url)}: {first_line(e)}") from None
-    except Exception as e:  # the object-store client's own errors (no credentials, unreachable endpoint)
-        raise storage_error(e, key, url) from None
+        return UserError(f"{key}: cannot {verb} {redact(url)}: {first_line(e)}")
+    return storage_error(e, key, url)  # the object-store client's own errors (no credentials, ...)

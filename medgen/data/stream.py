@@ -16,13 +16,15 @@ from typing import Any, Iterator
 
 import torch
 
+from medgen.data.retry import RETRY_SECONDS
 from medgen.data.shards import ShardRef, open_shard, shard_refs
 
 
-def iter_shard(shard: ShardRef, storage_options: dict, columns: list[str], start: int = 0) -> Iterator[dict[str, Any]]:
+def iter_shard(shard: ShardRef, storage_options: dict, columns: list[str], start: int = 0,
+               retry_seconds: float = RETRY_SECONDS) -> Iterator[dict[str, Any]]:
     """Rows of one shard from row ``start`` on, row group by row group; the whole shard is checked
     against the manifest (``open_shard``) before its first row."""
-    pf = open_shard(shard, storage_options)
+    pf = open_shard(shard, storage_options, retry_seconds)
     first = 0
     for i in range(pf.num_row_groups):
         n = pf.metadata.row_group(i).num_rows
@@ -33,11 +35,12 @@ def iter_shard(shard: ShardRef, storage_options: dict, columns: list[str], start
 
 
 def load_articles(url: str, manifest: dict, storage_options: dict, split: str,
-                  columns: tuple[str, ...] = ("id", "tags", "input_ids", "n_bytes")) -> list[dict[str, Any]]:
+                  columns: tuple[str, ...] = ("id", "tags", "input_ids", "n_bytes"),
+                  retry_seconds: float = RETRY_SECONDS) -> list[dict[str, Any]]:
     """All articles of a split in manifest order (shard by shard, row by row)."""
     rows: list[dict[str, Any]] = []
     for shard in shard_refs(url, manifest, split):
-        rows.extend(iter_shard(shard, storage_options, list(columns)))
+        rows.extend(iter_shard(shard, storage_options, list(columns), retry_seconds=retry_seconds))
     return rows
 
 
@@ -67,8 +70,9 @@ class Stream:
     a piece, exact with ``use_cache=False``).
     """
 
-    def __init__(self, shards: list[ShardRef], storage_options: dict, block: int, sep: int, mode: str):
-        self.shards, self.storage_options = shards, storage_options
+    def __init__(self, shards: list[ShardRef], storage_options: dict, block: int, sep: int, mode: str,
+                 retry_seconds: float = RETRY_SECONDS):
+        self.shards, self.storage_options, self.retry_seconds = shards, storage_options, retry_seconds
         self.block, self.sep, self.mode = block, sep, mode
         self.state = StreamState()
 
@@ -80,7 +84,8 @@ class Stream:
         rows_this_pass = self.state.row
         while True:
             st = self.state
-            for row in iter_shard(self.shards[st.shard], self.storage_options, ["id", "input_ids"], st.row):
+            for row in iter_shard(self.shards[st.shard], self.storage_options, ["id", "input_ids"], st.row,
+                                  self.retry_seconds):
                 st.row += 1
                 rows_this_pass += 1
                 yield row
@@ -122,7 +127,7 @@ class PackedStream(torch.utils.data.IterableDataset):
     """The blocks this process trains on: its streams (v % world == rank), interleaved round-robin."""
 
     def __init__(self, url: str, manifest: dict, storage_options: dict, block: int, sep: int, mode: str,
-                 num_streams: int, rank: int, world: int, split: str = "train"):
+                 num_streams: int, rank: int, world: int, split: str = "train", retry_seconds: float = RETRY_SECONDS):
         if num_streams % world:
             raise ValueError(f"num_streams={num_streams} is not a multiple of the number of processes ({world})")
         shards = shard_refs(url, manifest, split)
@@ -130,7 +135,7 @@ class PackedStream(torch.utils.data.IterableDataset):
             raise ValueError(f"{len(shards)} {split} shards cannot feed {num_streams} streams: "
                              f"prepare with data.num_shards >= {num_streams}")
         self.stream_ids = list(range(rank, num_streams, world))
-        self.streams = {v: Stream(shards[v::num_streams], storage_options, block, sep, mode) for v in self.stream_ids}
+        self.streams = {v: Stream(shards[v::num_streams], storage_options, block, sep, mode, retry_seconds) for v in self.stream_ids}
         self.num_streams, self.next = num_streams, 0
 
     def __iter__(self) -> Iterator[dict[str, Any]]:

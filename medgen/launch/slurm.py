@@ -35,7 +35,7 @@ import yaml
 import medgen
 from medgen import config
 from medgen.config import STAGES, Config, opt
-from medgen.errors import ConfigError, UserError
+from medgen.errors import ConfigError, StorageUnavailable, UserError
 from medgen.logs import logging_for
 
 log = logging.getLogger("medgen")
@@ -459,7 +459,7 @@ class StageJob(submitit.helpers.Checkpointable):
         except Exception as e:
             from medgen.train import Preempted
 
-            if isinstance(e, Preempted):
+            if isinstance(e, (Preempted, StorageUnavailable)):  # "try again": requeue, the rerun resumes
                 _hand_over_to_submitit(e)
             raise
 
