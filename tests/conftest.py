@@ -65,7 +65,7 @@ def s3_server():
     else:
         proc.kill()
         pytest.fail(f"moto_server did not start on {endpoint}")
-    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "medgen-test", "AWS_SECRET_ACCESS_KEY": "medgen-secret",
+    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "MEDGENTESTKEYID", "AWS_SECRET_ACCESS_KEY": "medgen-secret",
            "AWS_DEFAULT_REGION": "us-east-1"}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)

@@ -29,8 +29,8 @@ def _rst(sock: socket.socket) -> None:
 
 
 class FaultProxy:
-    def __init__(self, upstream: tuple[str, int]):
-        self.upstream = upstream
+    def __init__(self, upstream: tuple[str, int], host: str = "127.0.0.1"):
+        self.upstream, self.host = upstream, host
         self.mode = "pass"
         self.requests: list[str] = []  # first lines of the HTTP requests seen
         self.outages = 0
@@ -40,7 +40,7 @@ class FaultProxy:
         self._listener: socket.socket | None = None
         self.port = 0
         self._listen()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"http://{host}:{self.port}"
 
     # ------------------------------------------------------------------ control
 
@@ -82,7 +82,7 @@ class FaultProxy:
     def _listen(self) -> None:
         s = socket.socket()
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind(("127.0.0.1", self.port))
+        s.bind((self.host, self.port))
         s.listen(64)
         self.port = s.getsockname()[1]
         self._listener = s
