@@ -17,6 +17,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from medgen import atomic
 from medgen.data.storage import first_line, redact, storage_error, storage_errors
 from medgen.data.split import SPLITS
 from medgen.errors import UserError
@@ -50,11 +51,6 @@ def _storage_errors(method):
         with storage_errors("data.shards", self.url, writing=True):
             return method(self, *args, **kwargs)
     return wrapper
-
-
-def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
-    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
-    return "file" in protocols or "local" in protocols
 
 
 class _HashingWriter:
@@ -99,7 +95,7 @@ class ShardWriter:
     def _preflight(self) -> None:
         """Fail now, not after hours of work, when the destination cannot be written; never create a bucket
         (s3fs's makedirs would), so object stores get a probe write before any makedirs."""
-        if _is_local(self.fs):
+        if atomic.is_local(self.fs):
             self.fs.makedirs(self.tmp, exist_ok=True)
         self.fs.pipe(posixpath.join(self.tmp, ".probe"), b"")
 
@@ -171,8 +167,8 @@ class ShardWriter:
                 fs.makedirs(final_dir, exist_ok=True)
                 fs.mv(posixpath.join(self.tmp, entry["path"]), posixpath.join(root, entry["path"]))
         self.abort()
-        write_atomic(posixpath.join(root, REPORT), json.dumps(report, indent=2), fs)
-        write_atomic(manifest_path, json.dumps(manifest, indent=2), fs)
+        atomic.write_text(posixpath.join(root, REPORT), json.dumps(report, indent=2), fs)
+        atomic.write_text(manifest_path, json.dumps(manifest, indent=2), fs)
 
     def abort(self) -> None:
         """Best effort: close and delete the temporary shards (a failure here must not hide the first one)."""
@@ -187,15 +183,6 @@ class ShardWriter:
                 self.fs.rm(self.tmp, recursive=True)
         except Exception:
             pass
-
-
-def write_atomic(path: str, text: str, fs: fsspec.AbstractFileSystem | None = None) -> None:
-    """Write ``text`` (UTF-8) under a temporary name, then move it into place (local disk by default)."""
-    fs = fs or fsspec.filesystem("file")
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    with fs.open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    fs.mv(tmp, path)
 
 
 def read_manifest(url: str, storage_options: dict) -> dict[str, Any]:
