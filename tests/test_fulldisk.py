@@ -199,7 +199,12 @@ def test_adapter_on_a_full_disk_keeps_the_previous_one(tmp_path, tmpfs, tiny_run
     ballast.unlink()
     proc = _train(run_dir, tiny_run / "data")  # resumes from step-6, the last step: trains nothing more
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert snapshot(run_dir / "adapter") == before
+    after = snapshot(run_dir / "adapter")
+    assert after["adapter_model.safetensors"] == before["adapter_model.safetensors"]
+    config = [json.loads(x["adapter_config.json"]) for x in (before, after)]
+    for c in config:  # peft writes this set in hash order, which differs from process to process
+        c["target_modules"] = sorted(c["target_modules"])
+    assert config[0] == config[1]
 
 
 def test_merged_model_on_a_full_disk_keeps_the_previous_one(tmp_path, tmpfs, tiny_run):
