@@ -79,12 +79,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"medgen: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:
+        from medgen.data.storage import is_no_space
         from medgen.train import EXIT_PREEMPTED, Preempted
 
-        if not isinstance(e, Preempted):
-            raise
-        print(f"medgen: {e}", file=sys.stderr)
-        return EXIT_PREEMPTED
+        if isinstance(e, Preempted):
+            print(f"medgen: {e}", file=sys.stderr)
+            return EXIT_PREEMPTED
+        if is_no_space(e) and not args.debug:  # a write no stage maps itself (a log, a record): still one line
+            print(f"medgen: error: {getattr(e, 'filename', None) or 'a write'}: no space left on device; "
+                  "free space and rerun", file=sys.stderr)
+            return 2
+        raise
     except KeyboardInterrupt:
         print("medgen: interrupted", file=sys.stderr)
         return 130

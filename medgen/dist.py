@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from medgen.data.shards import write_atomic
+from medgen.atomic import write_text
 from medgen.errors import UserError
 
 
@@ -62,5 +62,5 @@ def record_placement(run_dir: str, stage: str) -> dict[str, Any]:
     where = placement()
     out = Path(run_dir) / "ranks"
     out.mkdir(parents=True, exist_ok=True)
-    write_atomic(str(out / f"{stage}-rank-{where['rank']:05d}.json"), json.dumps(where) + "\n")
+    write_text(str(out / f"{stage}-rank-{where['rank']:05d}.json"), json.dumps(where) + "\n")
     return where

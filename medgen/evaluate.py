@@ -24,9 +24,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from medgen import models
+from medgen import atomic, models
 from medgen.config import Config
 from medgen.data import shards, stream
+from medgen.data.storage import disk_errors
 from medgen.dist import process_state
 from medgen.errors import UserError
 
@@ -352,6 +353,8 @@ def _timing(info: dict, out: dict) -> dict[str, Any]:
 
 
 def _write_outputs(out: Path, rows: list[dict], metrics: dict) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    shards.write_atomic(str(out / "articles.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
-    shards.write_atomic(str(out / "metrics.json"), json.dumps(metrics, indent=2))  # last: readers trust it
+    """The eval folder as a whole: the previous one stays until the new one is complete (a pair)."""
+    with disk_errors(out, "the evaluation output", "the previous evaluation output, if any, is kept"), \
+            atomic.directory(out) as tmp:
+        (tmp / "articles.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")

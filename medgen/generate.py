@@ -14,6 +14,7 @@ before appending. Rank 0 then copies the part lines, in input order, into ``gene
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -28,10 +29,10 @@ import fsspec
 import torch
 from transformers import GenerationConfig, LogitsProcessor, StoppingCriteria
 
-from medgen import models
+from medgen import atomic, models
 from medgen.config import ASSETS, Config, GenerateConfig
 from medgen.data.retry import RETRY_SECONDS, retrying
-from medgen.data.storage import fs_options, redact, storage_errors
+from medgen.data.storage import disk_errors, fs_options, redact, storage_errors
 from medgen.dist import process_state
 from medgen.errors import UserError
 
@@ -348,28 +349,38 @@ def run(cfg: Config) -> dict[str, Any]:
     log.info("generate: %d of %d items to do on rank %d (%d done before)", len(mine), len(items), state.process_index, len(done))
     if mine:
         gen = Generator(cfg, state.device, header)
-        fd = os.open(part, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            with tqdm(total=len(mine), desc="generate", unit=" completion", disable=None) as bar:
-                for records in gen.run(mine):
-                    _append(fd, records)
-                    bar.update(len(records))
-        finally:
-            os.close(fd)
+        kept = "the completions written so far are kept; a rerun continues after them"
+        with disk_errors(part, "completions", kept):
+            fd = os.open(part, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                with tqdm(total=len(mine), desc="generate", unit=" completion", disable=None) as bar:
+                    for records in gen.run(mine):
+                        _append(fd, records)
+                        bar.update(len(records))
+            finally:
+                os.close(fd)
     state.wait_for_everyone()
     if state.is_main_process:
-        _merge(out_dir, items)
+        with disk_errors(out_dir / "generations.jsonl", "generations.jsonl", "the part files are kept; a rerun merges them"):
+            _merge(out_dir, items)
     state.wait_for_everyone()
     return {"prompts": len(items) // g.num_samples, "lines": len(items), "path": str(out_dir / "generations.jsonl")}
 
 
 def _append(fd: int, records: list[dict[str, Any]]) -> None:
-    """One write and an fsync per batch: a kill leaves whole lines plus at most one torn line."""
+    """One write and an fsync per batch: a kill leaves whole lines plus at most one torn line; a failed
+    write (a full disk) is cut back to the last whole line."""
     data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
+    start = os.lseek(fd, 0, os.SEEK_END)
     view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-    os.fsync(fd)
+    try:
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    except OSError:
+        with contextlib.suppress(OSError):  # best effort: _repair cuts a torn line on the next start anyway
+            os.ftruncate(fd, start)
+        raise
 
 
 def _parse_part(data: bytes) -> tuple[list[tuple[Key, str]], int]:
@@ -427,9 +438,7 @@ def _check_job(out_dir: Path, header: dict[str, Any]) -> None:
             raise UserError(f"{out_dir} holds completions made with other settings ({', '.join(diff)}); "
                             "use another run.dir, or delete that folder to start over")
         return
-    tmp = path.with_name(f"job.json.{os.getpid()}.tmp")  # one per process: ranks may race here, harmlessly
-    tmp.write_text(json.dumps(want, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic.write_text(path, json.dumps(want, indent=2) + "\n")  # ranks may race here, harmlessly
 
 
 def _merge(out_dir: Path, items: list[dict[str, Any]]) -> None:
@@ -438,17 +447,7 @@ def _merge(out_dir: Path, items: list[dict[str, Any]]) -> None:
     missing = [key(it) for it in items if key(it) not in done]
     if missing:
         raise RuntimeError(f"generate: {len(missing)} items have no completion (first: {missing[0]})")
-    final, tmp = out_dir / "generations.jsonl", out_dir / "generations.jsonl.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(done[key(it)] + "\n" for it in items)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-    dir_fd = os.open(out_dir, os.O_RDONLY)  # make the rename itself durable
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    atomic.write_text(out_dir / "generations.jsonl", "".join(done[key(it)] + "\n" for it in items))
 
 
 # --------------------------------------------------------------------------- prompts from the command line

@@ -15,12 +15,11 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from medgen import atomic
 from medgen.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -50,21 +49,13 @@ def resolve(name_or_path: str) -> str:
 
 
 def _materialise(name: str, target: Path) -> None:
-    """Build a built-in model directory atomically (temp dir, then rename)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-    try:
-        log.info("materialising built-in model %s into %s (once)", name, target)
-        model, tok = _build_smollm2() if name == "smollm2-135m" else _build_tiny_gpt2()
+    """Build a built-in model directory atomically (``atomic.directory``)."""
+    log.info("materialising built-in model %s into %s (once)", name, target)
+    model, tok = _build_smollm2() if name == "smollm2-135m" else _build_tiny_gpt2()
+    # replace=False: if another process won the race, theirs is as good as ours
+    with atomic.directory(target, replace=False) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:  # another process won the race: theirs is as good as ours
-            if not (target / "config.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def gpt2_tokenizer():

@@ -15,9 +15,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from medgen import atomic
 from medgen.config import Config
 from medgen.data import shards
 from medgen.data.retry import retrying
+from medgen.data.storage import disk_errors
 from medgen.models import versions
 
 log = logging.getLogger(__name__)
@@ -302,9 +304,15 @@ def _section_provenance(metrics: dict | None, prep: dict | None) -> list[str]:
 
 
 def run(cfg: Config) -> dict[str, Any]:
+    """The report folder as a whole (markdown, HTML, plots): the previous one stays until the new one is complete."""
+    final = Path(cfg.run.dir) / "report"
+    with disk_errors(final, "the report", "the previous report, if any, is kept"), atomic.directory(final) as out:
+        _write_report(cfg, out)
+    return {"report": str(final / "report.md"), "html": str(final / "report.html")}
+
+
+def _write_report(cfg: Config, out: Path) -> None:
     run_dir = Path(cfg.run.dir)
-    out = run_dir / "report"
-    out.mkdir(parents=True, exist_ok=True)
     prep = _prepare_report(cfg)
     metrics = _json(run_dir / "eval" / "metrics.json")
     articles = _jsonl(run_dir / "eval" / "articles.jsonl")
@@ -332,9 +340,8 @@ def run(cfg: Config) -> dict[str, Any]:
         lines += _section_generations(gens, _held_out_texts(cfg))
     lines += _section_provenance(metrics, prep)
     md = "\n".join(lines)
-    shards.write_atomic(str(out / "report.md"), md)
-    shards.write_atomic(str(out / "report.html"), to_html(md, out))
-    return {"report": str(out / "report.md"), "html": str(out / "report.html")}
+    (out / "report.md").write_text(md, encoding="utf-8")
+    (out / "report.html").write_text(to_html(md, out), encoding="utf-8")
 
 
 def to_html(md: str, img_dir: Path) -> str:

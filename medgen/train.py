@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 
-from medgen import models
+from medgen import atomic, models
 from medgen.config import Config
-from medgen.data import shards
+from medgen.data import shards, storage
 from medgen.data.stream import PackedStream, as_hf_iterable, collate
 from medgen.errors import UserError
 
@@ -198,7 +198,7 @@ def _callbacks(run_dir: Path, dataset: PackedStream, collator, signals: Signals,
             if state.is_world_process_zero:
                 (ckpt / "medgen.json").write_text(json.dumps({"step": state.global_step, "world_size": args.world_size}))
                 final = ckpt.with_name(f"step-{state.global_step}")
-                replace_dir(ckpt, final)  # the commit point: only step-N dirs are ever resumed from
+                atomic.commit_dir(ckpt, final)  # the commit point: only step-N dirs are ever resumed from
                 for old in _complete_checkpoints(ckpt.parent)[:-keep]:
                     shutil.rmtree(old, ignore_errors=True)
                 log.info("checkpoint %s saved", final)
@@ -257,10 +257,19 @@ def _restore_stream(ckpt: Path, dataset: PackedStream, world: int) -> None:
 
 
 def _truncate_log(path: Path, step: int) -> None:
-    """Drop log lines of steps after the checkpoint (they are trained again); step 0 = a fresh start."""
-    if path.exists():
-        lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= step]
-        path.write_text("".join(ln + "\n" for ln in lines))
+    """Drop log lines of steps after the checkpoint (they are trained again) and a torn last line (a kill or
+    a full disk mid-append); step 0 = a fresh start."""
+    if not path.exists():
+        return
+    keep = []
+    for ln in path.read_text().split("\n"):
+        try:
+            rec = json.loads(ln)
+        except json.JSONDecodeError:
+            break
+        if rec.get("step", 0) <= step:
+            keep.append(ln + "\n")
+    atomic.write_text(path, "".join(keep))
 
 
 # --------------------------------------------------------------------------- the stage
@@ -301,12 +310,16 @@ def build_trainer(cfg: Config):
     set_seed(t.seed)
 
     class MedgenSFTTrainer(SFTTrainer):
+        finished = False  # resumed from the checkpoint of the last step: nothing left to train
+
         def get_train_dataloader(self):
             # Not passed through accelerator.prepare: the stream already gives each rank its own blocks,
             # and a second split on top would lose data.
             # Its own generator: a DataLoader iterator draws a seed from the global RNG, which on resume
             # would shift the restored dropout RNG by one draw.
-            return torch.utils.data.DataLoader(dataset, batch_size=self._train_batch_size, collate_fn=collator,
+            # Finished: no blocks, else the Trainer takes one step past max_steps before it checks.
+            blocks = _NoBlocks() if self.finished else dataset
+            return torch.utils.data.DataLoader(blocks, batch_size=self._train_batch_size, collate_fn=collator,
                                                num_workers=0, pin_memory=torch.cuda.is_available(),
                                                generator=torch.Generator())
 
@@ -320,6 +333,13 @@ def build_trainer(cfg: Config):
     if deepspeed_requested(t) and not trainer.is_deepspeed_enabled:  # never train plain DDP in its place
         raise UserError("train: DeepSpeed was asked for, but accelerate set up training without it")
     return trainer, dataset, collator, dict(precision=precision, targets=targets, streams=streams, tok=tok)
+
+
+class _NoBlocks(torch.utils.data.IterableDataset):
+    """A stream without length or blocks (a list would have length 0, which the Trainer divides by)."""
+
+    def __iter__(self):
+        return iter(())
 
 
 def loraplus_optimizer(trainer, model, ratio: float) -> torch.optim.Optimizer:
@@ -348,6 +368,7 @@ def run(cfg: Config) -> dict[str, Any]:
     if resume:
         _restore_stream(resume, dataset, args.world_size)
     resumed_step = int(resume.name.split("-")[1]) if resume else 0
+    trainer.finished = resumed_step >= t.max_steps
     _truncate_log(run_dir / "samples" / f"rank-{args.process_index:05d}.jsonl", resumed_step)
     if trainer.is_world_process_zero():
         _truncate_log(run_dir / "train_log.jsonl", resumed_step)
@@ -360,7 +381,7 @@ def run(cfg: Config) -> dict[str, Any]:
                  tokens_per_step, args.world_size, info["streams"], f", resuming from {resume}" if resume else "")
     signals.install()
     try:
-        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        result = _train(trainer, resume, run_dir)
     finally:
         signals.uninstall()
     if step_cb.preempted:
@@ -376,19 +397,42 @@ def run(cfg: Config) -> dict[str, Any]:
             "adapter": str(adapter_dir)}
 
 
+def _train(trainer, resume: Path | None, run_dir: Path):
+    """trainer.train; a full disk is one line: the checkpoint being written is never committed (it is
+    removed, freeing its space), the last complete one stays and a rerun resumes from it."""
+    ckpt_dir = Path(trainer.args.output_dir)
+    try:
+        return trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    except Exception as e:
+        partial = ckpt_dir / f"checkpoint-{trainer.state.global_step}"
+        where = partial if partial.exists() else Path(getattr(e, "filename", None) or run_dir)
+        if isinstance(e, UserError) or not storage.is_no_space(e, where):
+            raise
+        last = _complete_checkpoints(ckpt_dir)[-1:] if ckpt_dir.exists() else []
+        if trainer.is_world_process_zero():
+            shutil.rmtree(partial, ignore_errors=True)
+        kept = f"training resumes from {last[0]}" if last else "no complete checkpoint yet: training starts over"
+        raise storage.no_space(where, "a checkpoint" if where == partial else "the training logs", kept) from None
+
+
 def _save_atomic(trainer, target: Path) -> None:
-    """All ranks take part (ZeRO-3 gathers the adapter); rank 0 renames the finished directory."""
-    tmp = target.with_name(target.name + ".tmp")
-    if trainer.is_world_process_zero():
-        shutil.rmtree(tmp, ignore_errors=True)
-    trainer.accelerator.wait_for_everyone()
-    trainer.save_model(str(tmp))
-    trainer.accelerator.wait_for_everyone()
-    if not trainer.is_world_process_zero():
-        return
-    for extra in ("training_args.bin", "README.md"):
-        (tmp / extra).unlink(missing_ok=True)
-    replace_dir(tmp, target)
+    """All ranks take part (ZeRO-3 gathers the adapter); rank 0 puts the finished directory in place."""
+    tmp = target.with_name(f".{target.name}.tmp")  # one name all ranks know
+    rank0 = trainer.is_world_process_zero()
+    with storage.disk_errors(target, "the adapter", "the previous adapter, if any, is kept"):
+        try:
+            if rank0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            trainer.accelerator.wait_for_everyone()
+            trainer.save_model(str(tmp))
+            trainer.accelerator.wait_for_everyone()
+            if rank0:
+                for extra in ("training_args.bin", "README.md"):
+                    (tmp / extra).unlink(missing_ok=True)
+                atomic.commit_dir(tmp, target)
+        finally:
+            if rank0:
+                shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _save_merged(cfg: Config, adapter_dir: Path, tok, target: Path) -> None:
@@ -402,19 +446,7 @@ def _save_merged(cfg: Config, adapter_dir: Path, tok, target: Path) -> None:
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     # the tokenizer saved beside it pads with eos; the config says so, as it did during training
     merged.config.pad_token_id = merged.generation_config.pad_token_id = tok.pad_token_id
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(str(tmp), safe_serialization=True)
-    tok.save_pretrained(str(tmp))
-    replace_dir(tmp, target)
-
-
-def replace_dir(tmp: Path, target: Path) -> None:
-    """Move a finished directory into place. The old one is renamed aside first (a directory cannot be
-    renamed over a non-empty one), so at every moment either the old or the new copy is complete."""
-    old = target.with_name(target.name + ".old")
-    if target.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(target, old)
-    os.rename(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
+    with storage.disk_errors(target, "the merged model", "the previous merged model, if any, is kept"), \
+            atomic.directory(target) as tmp:
+        merged.save_pretrained(str(tmp), safe_serialization=True)
+        tok.save_pretrained(str(tmp))

@@ -19,6 +19,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from medgen import atomic
 from medgen.data.retry import RETRY_SECONDS, retrying
 from medgen.data.storage import first_line, fs_options, redact, storage_error, storage_errors
 from medgen.data.split import SPLITS
@@ -53,11 +54,6 @@ def _storage_errors(method):
         with storage_errors("data.shards", self.url, writing=True):
             return method(self, *args, **kwargs)
     return wrapper
-
-
-def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
-    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
-    return "file" in protocols or "local" in protocols
 
 
 class _HashingWriter:
@@ -95,7 +91,7 @@ class ShardWriter:
     def __init__(self, url: str, storage_options: dict, num_shards: int, retry_seconds: float = RETRY_SECONDS):
         self.fs, self.root = filesystem(url, storage_options)
         self.url, self.num_shards, self.retry_seconds = url, num_shards, retry_seconds
-        self.local = _is_local(self.fs)
+        self.local = atomic.is_local(self.fs)
         self.staging = None if self.local else tempfile.TemporaryDirectory(prefix="medgen-shards-")
         self.tmp = posixpath.join(self.root, f"_tmp-{uuid.uuid4().hex[:12]}")
         self.buffers: dict[tuple[str, int], list[dict]] = {}
@@ -198,8 +194,8 @@ class ShardWriter:
                 else:  # a copy can be repeated; the temp prefix is removed below
                     self._retry(lambda: fs.copy(src, dst))
         self.abort()
-        self._retry(lambda: write_atomic(posixpath.join(root, REPORT), json.dumps(report, indent=2), fs))
-        self._retry(lambda: write_atomic(manifest_path, json.dumps(manifest, indent=2), fs))
+        self._retry(lambda: atomic.write_text(posixpath.join(root, REPORT), json.dumps(report, indent=2), fs))
+        self._retry(lambda: atomic.write_text(manifest_path, json.dumps(manifest, indent=2), fs))
 
     def abort(self) -> None:
         """Best effort: close and delete the temporary shards (a failure here must not hide the first one)."""
@@ -222,15 +218,6 @@ def _rm_if_exists(fs: fsspec.AbstractFileSystem, path: str, recursive: bool = Fa
     fs.invalidate_cache(path)  # a listing cached before an outage must not hide or invent the path
     if fs.exists(path):
         fs.rm(path, recursive=recursive)
-
-
-def write_atomic(path: str, text: str, fs: fsspec.AbstractFileSystem | None = None) -> None:
-    """Write ``text`` (UTF-8) under a temporary name, then move it into place (local disk by default)."""
-    fs = fs or fsspec.filesystem("file")
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    with fs.open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    fs.mv(tmp, path)
 
 
 def read_manifest(url: str, storage_options: dict, retry_seconds: float = RETRY_SECONDS) -> dict[str, Any]:

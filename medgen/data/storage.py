@@ -6,7 +6,10 @@ so the same mistake reads the same wherever it happens. URLs are shown without c
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
 import re
+from pathlib import Path
 from typing import Iterator
 
 from medgen.errors import UserError
@@ -84,6 +87,49 @@ def _mapped(e: Exception, key: str, url: str, writing: bool) -> Exception:
     if isinstance(e, (ValueError, ImportError)):  # unknown protocol, missing filesystem package, bad options
         return UserError(f"{key}: cannot use {redact(url)}: {first_line(e)}")
     if isinstance(e, OSError):
+        if e.errno in NO_SPACE:
+            return no_space(url, key, "a rerun writes it again")
         verb = "write to" if writing else "read"
         return UserError(f"{key}: cannot {verb} {redact(url)}: {first_line(e)}")
     return storage_error(e, key, url)  # the object-store client's own errors (no credentials, ...)
+
+
+# --------------------------------------------------------------------------- full disk
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+NO_SPACE_TEXT = ("no space left on device", "disk quota exceeded", "os error 28", "os error 122")
+
+
+def is_no_space(e: BaseException, path: str | os.PathLike | None = None) -> bool:
+    """Whether ``e`` (or an exception it came from) is a full disk or quota. torch's C++ writer reports
+    one as a bare RuntimeError: for that, whether the filesystem of ``path`` has under 1 MiB left."""
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, OSError) and cur.errno in NO_SPACE or any(t in str(cur).lower() for t in NO_SPACE_TEXT):
+            return True
+        cur = cur.__cause__ or cur.__context__
+    return path is not None and isinstance(e, (OSError, RuntimeError)) and _free_bytes(Path(path)) < 1 << 20
+
+
+def _free_bytes(path: Path) -> int:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def no_space(path: str | os.PathLike, what: str, kept: str) -> UserError:
+    return UserError(f"{redact(str(path))}: no space left on device while writing {what}; free space and rerun ({kept})")
+
+
+@contextlib.contextmanager
+def disk_errors(path: str | os.PathLike, what: str, kept: str) -> Iterator[None]:
+    """A full disk or quota while writing ``what`` to ``path``: one UserError naming the path and what is kept."""
+    try:
+        yield
+    except Exception as e:
+        if isinstance(e, UserError) or not is_no_space(e, path):
+            raise
+        raise no_space(path, what, kept) from None

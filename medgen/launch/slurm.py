@@ -33,7 +33,7 @@ import submitit
 import yaml
 
 import medgen
-from medgen import config
+from medgen import atomic, config
 from medgen.config import STAGES, Config, opt
 from medgen.errors import ConfigError, StorageUnavailable, UserError
 from medgen.logs import logging_for
@@ -284,8 +284,7 @@ def submit(cfg: Config) -> dict[str, Any]:
             "profile": str(profile_path(cfg.slurm.profile, cfg.slurm.profile_dir)), "stages": stages}
     path = jobs_file(cfg.run.dir)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.with_suffix(".tmp").write_text(json.dumps(info, indent=2))
-    os.replace(path.with_suffix(".tmp"), path)
+    atomic.write_text(path, json.dumps(info, indent=2))
     return info
 
 
