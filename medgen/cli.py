@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from medgen.errors import EXIT_TRY_AGAIN, ConfigError, StorageUnavailable, UserError
+from medgen.errors import EXIT_TRY_AGAIN, ConfigError, Preempted, StorageUnavailable, UserError
 from medgen.logs import logging_for
 
 STAGE_HELP = {
@@ -80,11 +80,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Exception as e:
         from medgen.data.storage import is_no_space
-        from medgen.train import EXIT_PREEMPTED, Preempted
 
         if isinstance(e, Preempted):
             print(f"medgen: {e}", file=sys.stderr)
-            return EXIT_PREEMPTED
+            return EXIT_TRY_AGAIN
         if is_no_space(e) and not args.debug:  # a write no stage maps itself (a log, a record): still one line
             print(f"medgen: error: {getattr(e, 'filename', None) or 'a write'}: no space left on device; "
                   "free space and rerun", file=sys.stderr)

@@ -1,4 +1,5 @@
-"""User-facing errors: the CLI prints them as one line each (no traceback) and exits 2."""
+"""User-facing errors and "try again" stops: the CLI prints each as one line (no traceback) and exits 2, or 75
+for the ones a rerun gets past (preemption, an object store that stayed away)."""
 from __future__ import annotations
 
 
@@ -15,6 +16,10 @@ class ConfigError(UserError):
 
 
 EXIT_TRY_AGAIN = 75  # EX_TEMPFAIL: the launcher (SLURM) requeues, the rerun resumes
+
+
+class Preempted(Exception):
+    """Training stopped on a signal after a complete checkpoint; rerunning resumes from it (exit 75)."""
 
 
 class StorageUnavailable(UserError):

@@ -76,11 +76,12 @@ def _build_tiny_gpt2():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     tok = gpt2_tokenizer()
-    torch.manual_seed(0)
     # no dropout: runs with 1 and 2 processes (different RNG streams) can then be compared exactly
     config = GPT2Config(n_layer=2, n_head=2, n_embd=64, n_positions=1024, vocab_size=len(tok),
                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    return GPT2LMHeadModel(config), tok
+    with torch.random.fork_rng(devices=[]):  # the same weights every time, and the caller's RNG untouched
+        torch.manual_seed(0)
+        return GPT2LMHeadModel(config), tok
 
 
 def _smollm2_dir() -> Path:

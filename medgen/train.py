@@ -24,14 +24,9 @@ from medgen import atomic, models
 from medgen.config import Config
 from medgen.data import shards, storage
 from medgen.data.stream import PackedStream, as_hf_iterable, collate
-from medgen.errors import UserError
+from medgen.errors import Preempted, UserError
 
 log = logging.getLogger(__name__)
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again" — the launcher requeues, the rerun resumes
-
-
-class Preempted(Exception):
-    """Training stopped on a signal after a complete checkpoint; rerunning resumes from it."""
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -105,7 +100,7 @@ def sft_config(cfg: Config, precision: str):
         use_cpu=cpu and not deepspeed,  # accelerate's CPU mode would drop DeepSpeed (deepspeed_cpu_state)
         gradient_checkpointing=t.gradient_checkpointing,
         logging_steps=t.logging_steps,
-        report_to=["tensorboard"],
+        report_to="none",  # TensorBoard is medgen's own callback, writing to <run.dir>/tensorboard (build_trainer)
         save_strategy="steps" if t.save_steps else "no",
         save_steps=t.save_steps or t.max_steps,
         save_total_limit=None,  # medgen keeps the last train.keep_checkpoints complete ones itself
@@ -284,7 +279,6 @@ def build_trainer(cfg: Config):
     manifest = shards.read_manifest(cfg.shards_url, cfg.data.storage_options, cfg.data.retry_seconds)
     shards.check_tokenizer(manifest, models.tokenizer_fingerprint(tok), cfg.model.name_or_path, cfg.shards_url)
     precision = resolve_precision(t.precision)
-    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(Path(cfg.run.dir) / "tensorboard"))
     args = sft_config(cfg, precision)  # initialises the distributed state (accelerate)
     rank, world = args.process_index, args.world_size
     streams = t.data_streams or world
@@ -329,10 +323,21 @@ def build_trainer(cfg: Config):
             return super().create_optimizer(model)
 
     trainer = MedgenSFTTrainer(model=model, args=args, train_dataset=as_hf_iterable(dataset), processing_class=tok,
-                               peft_config=peft_config, data_collator=collator)
+                               peft_config=peft_config, data_collator=collator, callbacks=_tensorboard(cfg, args))
     if deepspeed_requested(t) and not trainer.is_deepspeed_enabled:  # never train plain DDP in its place
         raise UserError("train: DeepSpeed was asked for, but accelerate set up training without it")
     return trainer, dataset, collator, dict(precision=precision, targets=targets, streams=streams, tok=tok)
+
+
+def _tensorboard(cfg: Config, args) -> list:
+    """TensorBoard in <run.dir>/tensorboard on the main process (transformers would read its directory from a
+    process-wide environment variable)."""
+    from torch.utils.tensorboard import SummaryWriter
+    from transformers.integrations import TensorBoardCallback
+
+    if not args.should_log:
+        return []
+    return [TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(Path(cfg.run.dir) / "tensorboard")))]
 
 
 class _NoBlocks(torch.utils.data.IterableDataset):

@@ -35,7 +35,7 @@ import yaml
 import medgen
 from medgen import atomic, config
 from medgen.config import STAGES, Config, opt
-from medgen.errors import ConfigError, StorageUnavailable, UserError
+from medgen.errors import ConfigError, Preempted, StorageUnavailable, UserError
 from medgen.logs import logging_for
 
 log = logging.getLogger("medgen")
@@ -456,8 +456,6 @@ class StageJob(submitit.helpers.Checkpointable):
         try:
             return local.run_stage(self.stage, cfg)
         except Exception as e:
-            from medgen.train import Preempted
-
             if isinstance(e, (Preempted, StorageUnavailable)):  # "try again": requeue, the rerun resumes
                 _hand_over_to_submitit(e)
             raise
