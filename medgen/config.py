@@ -7,7 +7,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -239,15 +241,7 @@ def load_config(path: Optional[str] = None, overrides: tuple[str, ...] | list[st
     problems: list[str] = []
     raw: dict[str, Any] = {}
     if path:
-        try:
-            with open(path, encoding="utf-8") as f:
-                raw = yaml.safe_load(f) or {}
-        except FileNotFoundError:
-            raise ConfigError([f"--config {path}: file not found"]) from None
-        except yaml.YAMLError as e:
-            raise ConfigError([f"--config {path}: not valid YAML ({str(e).splitlines()[0]})"]) from None
-        if not isinstance(raw, dict):
-            raise ConfigError([f"--config {path}: top level must be a mapping of sections"])
+        raw = _read_yaml(path)
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -269,12 +263,48 @@ def load_config(path: Optional[str] = None, overrides: tuple[str, ...] | list[st
     return cfg
 
 
+def _read_yaml(path: str) -> dict[str, Any]:
+    """The file's mapping ({} when empty); bytes go to PyYAML, which reads UTF-8/16 and rejects the rest."""
+    try:
+        with open(path, "rb") as f:
+            raw = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError([f"--config {path}: file not found"]) from None
+    except OSError as e:
+        raise ConfigError([f"--config {path}: cannot read it ({e.strerror or type(e).__name__})"]) from None
+    except yaml.YAMLError as e:
+        raise ConfigError([f"--config {path}: not valid YAML ({str(e).splitlines()[0]})"]) from None
+    except RecursionError:
+        raise ConfigError([f"--config {path}: nested too deeply to be a config"]) from None
+    except ValueError as e:  # an integer of more than 4300 digits
+        raise ConfigError([f"--config {path}: not valid YAML ({str(e).splitlines()[0][:100]})"]) from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError([f"--config {path}: top level must be a mapping of sections (got {type(raw).__name__})"])
+    return raw
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxlong = 2, 4, 4, 40
+_SHORT.maxstring = _SHORT.maxother = 80
+
+
+def _shown(value: Any) -> str:
+    """A bounded, one-line repr: a value from YAML may be huge, or aliased a billion times over."""
+    return _SHORT.repr(value)[:200]
+
+
+def _key(key: Any) -> str:
+    return key if isinstance(key, str) and key.isprintable() and key else _shown(key)
+
+
 def _parse_scalar(text: str) -> Any:
     if text.strip() == "-":  # YAML reads a lone dash as [None]; on the command line it means stdin
         return "-"
     try:
         return yaml.safe_load(text) if text.strip() else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError, RecursionError):
         return text
 
 
@@ -286,7 +316,7 @@ def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     for key in raw:
         if key not in names:
-            problems.append(f"{prefix}{key}: unknown key (known: {', '.join(sorted(names))})")
+            problems.append(f"{prefix}{_key(key)}: unknown key (known: {', '.join(sorted(names))})")
     obj = cls()
     for f in dataclasses.fields(cls):
         if f.name not in raw:
@@ -297,7 +327,7 @@ def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
         else:
             value, err = _coerce(raw[f.name], hint)
             if err:
-                problems.append(f"{prefix}{f.name}: {err} (got {raw[f.name]!r})")
+                problems.append(f"{prefix}{f.name}: {err} (got {_shown(raw[f.name])})")
             else:
                 setattr(obj, f.name, value)
     return obj
@@ -319,7 +349,7 @@ def _coerce(value: Any, hint: Any) -> tuple[Any, Optional[str]]:
         for v in value:
             c, err = _coerce(v, args[0])
             if err:
-                return None, f"list item {v!r} {err}"
+                return None, f"list item {_shown(v)} {err}"
             out.append(c)
         return out, None
     if origin is dict:
@@ -327,15 +357,17 @@ def _coerce(value: Any, hint: Any) -> tuple[Any, Optional[str]]:
     if hint is bool:
         return (value, None) if isinstance(value, bool) else (None, "must be true or false")
     if hint is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-        return (value, None) if ok else (None, "must be an integer")
+        if not isinstance(value, int) or isinstance(value, bool):
+            return None, "must be an integer"
+        return (value, None) if abs(value) < 2**63 else (None, "must fit in 64 bits")
     if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value), None
-        try:  # YAML 1.1 reads 5e-4 as a string
-            return float(value), None
-        except (TypeError, ValueError):
+        if isinstance(value, bool):
             return None, "must be a number"
+        try:  # YAML 1.1 reads 5e-4 as a string
+            number = float(value)
+        except (TypeError, ValueError, OverflowError):
+            return None, "must be a number"
+        return (number, None) if math.isfinite(number) else (None, "must be a finite number")
     if hint is str:
         return (value, None) if isinstance(value, str) else (None, "must be a string")
     return value, None

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import random
+import re
 import sys
 import time
 from pathlib import Path
@@ -51,15 +52,24 @@ Key = tuple[str, int]
 def read_prompts(url: str, storage_options: dict | None = None,
                  retry_seconds: float = RETRY_SECONDS) -> list[dict[str, Any]]:
     """JSONL objects with ``id`` and ``prompt`` (other fields carried through), or one prompt per text line."""
-    def read() -> str:
-        with fsspec.open(url, "r", encoding="utf-8", compression="infer",
-                         **fs_options(url, storage_options or {})) as f:
+    def read() -> bytes:
+        with fsspec.open(url, "rb", compression="infer", **fs_options(url, storage_options or {})) as f:
             return f.read()
 
     with storage_errors("generate.prompts", url):
-        text = retrying(read, "generate.prompts", url, retry_seconds)
+        data = retrying(read, "generate.prompts", url, retry_seconds)
     plain = url.removesuffix(".gz").removesuffix(".bz2").removesuffix(".zst").removesuffix(".xz")
-    return parse_prompts(text, redact(url), plain.endswith((".jsonl", ".json")))
+    return parse_prompts(decode_prompts(data, redact(url)), redact(url), plain.endswith((".jsonl", ".json")))
+
+
+def decode_prompts(data: bytes, source: str) -> str:
+    """UTF-8 (a byte order mark is dropped), or a UserError naming the line and byte that are not."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise UserError(f"generate.prompts {source}:{line}: not UTF-8 (byte 0x{data[e.start]:02x} at offset "
+                        f"{e.start}); save the file as UTF-8") from None
 
 
 def looks_jsonl(text: str) -> bool:
@@ -75,9 +85,8 @@ def looks_jsonl(text: str) -> bool:
 def parse_prompts(text: str, source: str, jsonl: bool) -> list[dict[str, Any]]:
     """Prompt records in input order; a text line's id is ``line-<n>`` (its 1-based line number)."""
     prompts, seen = [], set()
-    # split("\n"), not splitlines(): JSON strings may hold U+2028, \x1c etc. unescaped
-    for n, line in enumerate(text.split("\n"), 1):
-        line = line.removesuffix("\r")
+    # \n, \r\n or \r, not splitlines(): JSON strings may hold U+2028, \x1c etc. unescaped
+    for n, line in enumerate(_LINE_END.split(text), 1):
         if not line.strip():
             continue
         rec = _json_prompt(line, source, n) if jsonl else {"id": f"line-{n}", "prompt": line}
@@ -88,11 +97,25 @@ def parse_prompts(text: str, source: str, jsonl: bool) -> list[dict[str, Any]]:
     return prompts
 
 
+_LINE_END = re.compile(r"\r\n|\r|\n")
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
 def _json_prompt(line: str, source: str, n: int) -> dict[str, Any]:
     try:
-        rec = json.loads(line)
+        rec = json.loads(line, parse_constant=_no_constant)
+        json.dumps(rec, ensure_ascii=False).encode("utf-8")  # the output must be able to hold it
     except json.JSONDecodeError as e:
         raise UserError(f"generate.prompts {source}:{n}: not valid JSON ({e.msg})") from None
+    except UnicodeEncodeError:
+        raise UserError(f"generate.prompts {source}:{n}: a \\ud800-\\udfff escape without its pair "
+                        f"(not a character)") from None
+    except (ValueError, RecursionError) as e:  # NaN/Infinity, a number of 4300+ digits, nesting too deep
+        raise UserError(f"generate.prompts {source}:{n}: not usable JSON ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:100]})") from None
     if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
         raise UserError(f"generate.prompts {source}:{n}: needs a string field 'prompt'")
     if not rec["prompt"]:

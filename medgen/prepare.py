@@ -28,10 +28,14 @@ def document(title: str, body: str) -> str:
 # chunk would cost hundreds of MB; 64 articles keep its batch parallelism
 TOKENIZE_BATCH = 64
 
+# a title, URL, author or tag list or timestamp longer than this is a broken row (a stray quote joined
+# lines), not metadata; real ones are under 1000 characters
+MAX_META_CHARS = 10_000
+
 # every reason a row can be dropped, in pipeline order; the printed table lists each, zeros included
 DROP_REASONS = (
     "wrong_field_count", "malformed_quoting",  # parse errors (medgen/data/read.py)
-    "missing_text", "too_short", "too_long",
+    "field_too_long", "missing_text", "too_short", "too_long",
     "duplicate_exact", "wrong_language", "duplicate_near",
 )
 
@@ -127,6 +131,7 @@ class RowFilter:
     def __init__(self, d: DataConfig):
         self.d = d
         self.cols = read.Columns.from_config(d)
+        self.meta = [c for c in vars(self.cols).values() if c != self.cols.text]
         self.dropped: Counter[str] = Counter()
         self.cleaned: dict[str, int] = {}
         self.cleaned_chars: dict[str, int] = {}
@@ -139,7 +144,9 @@ class RowFilter:
     def keep(self, rec: dict[str, str]) -> dict | None:
         """The article (with its split and shard) or None, its drop reason counted."""
         body = rec[self.cols.text]
-        if not body.strip():
+        if any(c and len(rec[c]) > MAX_META_CHARS for c in self.meta):
+            reason = "field_too_long"
+        elif not body.strip():
             reason = "missing_text"
         else:
             if any("\ufffd" in v for v in rec.values()):

@@ -101,7 +101,9 @@ def iter_batches(reader: HashingReader, cols: Columns, chunk_rows: int, url: str
     still open at the end of the file is a broken source (UserError): it swallowed every later row.
     """
     csv.field_size_limit(MAX_FIELD_CHARS)
-    text = io.TextIOWrapper(io.BufferedReader(reader, 1 << 20), encoding="utf-8-sig", errors="replace", newline="")
+    buffered = io.BufferedReader(reader, 1 << 20)
+    _check_encoding(buffered.peek(4)[:4], url)
+    text = io.TextIOWrapper(buffered, encoding="utf-8-sig", errors="replace", newline="")
     state = {"eof": False}
     rows = csv.reader(_lines(text, state, url), strict=True)
     header = _header(rows, cols, url)
@@ -144,18 +146,44 @@ def _lines(text: io.TextIOWrapper, state: dict, url: str) -> Iterator[str]:
     state["eof"] = True
 
 
+# byte order marks of the encodings a spreadsheet may save as "Unicode" (UTF-32 first: it starts like UTF-16)
+OTHER_BOMS = ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"), (b"\xff\xfe", "UTF-16"),
+              (b"\xfe\xff", "UTF-16"))
+
+
+def _check_encoding(head: bytes, url: str) -> None:
+    """A UTF-16/32 file decoded as UTF-8 is all replacement characters and NULs: say what it is instead."""
+    for bom, name in OTHER_BOMS:
+        if head.startswith(bom):
+            raise UserError(f"data.source {redact(url)}: the file is {name} (it starts with a {name} byte order "
+                            f"mark); medgen reads UTF-8: save it as UTF-8")
+
+
 def _header(rows, cols: Columns, url: str) -> list[str] | None:
-    header = next(rows, None)
+    try:
+        header = next(rows, None)
+    except csv.Error as e:
+        raise UserError(f"data.source {redact(url)}: the header line is not valid CSV ({e}); "
+                        f"the first line must name the columns") from None
     if header is None:
         return None
-    wanted = (cols.title, cols.text, cols.url, cols.tags, cols.authors, cols.timestamp)
-    missing = [c for c in wanted if c and c not in header]
+    wanted = [c for c in (cols.title, cols.text, cols.url, cols.tags, cols.authors, cols.timestamp) if c]
+    missing = [c for c in wanted if c not in header]
     if missing:
         raise UserError(
             f"data.source {redact(url)}: no column {', '.join(map(repr, missing))} "
-            f"(columns: {', '.join(header)[:300]}); set data.<name>_column, or '' if there is none"
+            f"(columns: {', '.join(map(_shown, header))[:300]}); set data.<name>_column, or '' if there is none"
         )
+    twice = [c for c in dict.fromkeys(wanted) if header.count(c) > 1]
+    if twice:
+        raise UserError(f"data.source {redact(url)}: column {', '.join(map(repr, twice))} appears more than once "
+                        f"in the header (columns: {', '.join(map(_shown, header))[:300]}); rename the copies")
     return header
+
+
+def _shown(name: str) -> str:
+    """A column name for a one-line message: as it is, or escaped where it holds control characters."""
+    return name if name.isprintable() else ascii(name)
 
 
 def parse_list(value: str) -> list[str] | None:
@@ -172,10 +200,15 @@ def parse_list(value: str) -> list[str] | None:
     return [str(x) for x in parsed]
 
 
+MAX_TIMESTAMP_CHARS = 100
+
+
 def parse_timestamp(value: str) -> str | None:
     """Mixed ISO-8601 -> normalised UTC ISO string; '' stays ''; None when unparsable."""
     if not value.strip():
         return ""
+    if len(value) > MAX_TIMESTAMP_CHARS:  # pandas' parser is quadratic in the length (100k chars: 0.6 s)
+        return None
     try:
         ts = pd.Timestamp(value.strip())
     except (ValueError, TypeError, OverflowError):
