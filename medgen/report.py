@@ -11,7 +11,6 @@ import json
 import logging
 import math
 import re
-from collections import Counter
 from pathlib import Path
 from typing import Any
 

@@ -40,9 +40,8 @@ def medium_sample() -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def s3_server():
-    """A real S3-protocol server (moto) on 127.0.0.1, credentials passed only through the environment."""
+def start_moto(host: str) -> tuple[subprocess.Popen, str]:
+    """A moto S3 server listening on ``host`` (a free port), and its endpoint URL, once it answers."""
     import shutil
     import socket
     import time
@@ -52,19 +51,24 @@ def s3_server():
     if not Path(exe).exists():
         pytest.fail("moto_server is not installed: run `make install`")
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([exe, "-H", host, "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://{host}:{port}"
     for _ in range(100):
         try:
             urllib.request.urlopen(endpoint, timeout=1)
-            break
+            return proc, endpoint
         except OSError:
             time.sleep(0.1)
-    else:
-        proc.kill()
-        pytest.fail(f"moto_server did not start on {endpoint}")
+    proc.kill()
+    pytest.fail(f"moto_server did not start on {endpoint}")
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-protocol server (moto) on 127.0.0.1, credentials passed only through the environment."""
+    proc, endpoint = start_moto("127.0.0.1")
     env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "MEDGENTESTKEYID", "AWS_SECRET_ACCESS_KEY": "medgen-secret",
            "AWS_DEFAULT_REGION": "us-east-1"}
     old = {k: os.environ.get(k) for k in env}

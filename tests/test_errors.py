@@ -1,8 +1,6 @@
 """Every user mistake: one line on stderr naming the culprit, no traceback, exit code 2."""
 import os
 
-import pytest
-
 from tests.conftest import medgen
 
 TINY = ["--config", "configs/tiny.yaml"]

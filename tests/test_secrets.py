@@ -1,20 +1,13 @@
 """Credentials never leave the environment: a whole chain on the two-node SLURM cluster against a real S3
 server, plus failing requests (one with the S3 client's debug logging on), and then every file the run
 wrote, every object in the bucket and every line printed are searched for the access key and the secret."""
-import os
 import re
 import secrets
-import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import medgen
+from tests.conftest import medgen, start_moto
 from tests.test_slurm import _wait
 
 pytestmark = [pytest.mark.slurm, pytest.mark.s3]
@@ -30,22 +23,7 @@ def _controller_address(conf: str) -> str:
 @pytest.fixture(scope="module")
 def store(slurm_cluster):
     """A moto S3 server the SLURM nodes can reach, and fresh random credentials for it."""
-    host = _controller_address(slurm_cluster["conf"])
-    with socket.socket() as s:
-        s.bind((host, 0))
-        port = s.getsockname()[1]
-    exe = shutil.which("moto_server") or str(Path(sys.executable).with_name("moto_server"))
-    proc = subprocess.Popen([exe, "-H", host, "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://{host}:{port}"
-    for _ in range(100):
-        try:
-            urllib.request.urlopen(endpoint, timeout=1)
-            break
-        except OSError:
-            time.sleep(0.1)
-    else:
-        proc.kill()
-        pytest.fail(f"moto_server did not start on {endpoint}")
+    proc, endpoint = start_moto(_controller_address(slurm_cluster["conf"]))
     key, secret = "AKIA" + secrets.token_hex(8).upper(), secrets.token_urlsafe(30)
     import s3fs
 

@@ -320,7 +320,7 @@ def test_a_failed_stage_cancels_its_dependents_and_status_names_it(slurm_cluster
     status = medgen("status", str(run), check=False)
     assert status.returncode == 1
     failed_log = _jobs(run)["stages"]["train"]["logs"][0]
-    assert f"stage train failed (FAILED" in status.stdout and f"see {failed_log}" in status.stdout
+    assert "stage train failed (FAILED" in status.stdout and f"see {failed_log}" in status.stdout
     assert "cancelled: evaluate, generate, report" in status.stdout
     assert "no manifest.json at" in Path(failed_log).read_text()  # the named log holds the cause
 

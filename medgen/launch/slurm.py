@@ -34,7 +34,7 @@ import yaml
 
 import medgen
 from medgen import atomic, config
-from medgen.config import STAGES, Config, opt
+from medgen.config import Config, opt
 from medgen.errors import ConfigError, Preempted, StorageUnavailable, UserError
 from medgen.logs import logging_for
 
