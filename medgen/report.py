@@ -10,6 +10,7 @@ import html
 import json
 import logging
 import math
+import statistics
 import re
 from pathlib import Path
 from typing import Any
@@ -209,6 +210,19 @@ def _md_table(head: list[str], rows: list[list[Any]]) -> list[str]:
     return out + [""]
 
 
+def _section_speed(rows: list[dict]) -> list[str]:
+    """Median tokens/s and MFU over the logged steps, and each rank's peak memory at the end."""
+    tps = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r]
+    mfu = [r["mfu"] for r in rows if "mfu" in r]
+    memory = next((r["peak_memory_gb_per_rank"] for r in reversed(rows) if "peak_memory_gb_per_rank" in r), [])
+    if not (tps or memory):
+        return []
+    table = [["tokens/s (median over logged steps)", f"{statistics.median(tps):,.0f}" if tps else "n/a"],
+             ["MFU (median)", f"{100 * statistics.median(mfu):.1f}%" if mfu else "n/a (device peak not known)"]]
+    table += [[f"peak memory, rank {i}", f"{gb:.2f} GB"] for i, gb in enumerate(memory)]
+    return _md_table(["speed", "value"], table)
+
+
 def _section_config(cfg: Config) -> list[str]:
     t, lo = cfg.train, cfg.lora
     return ["## Run", ""] + _md_table(["setting", "value"], [
@@ -328,9 +342,10 @@ def _write_report(cfg: Config, out: Path) -> None:
             png = fn(metrics, out / name) if fn is plot_per_tag else fn(articles, out / name)
             if png:
                 lines += [f"![{title}]({png})", ""]
-    png = plot_training(_jsonl(run_dir / "train_log.jsonl"), out / "training.png")
+    train_log = _jsonl(run_dir / "train_log.jsonl")
+    png = plot_training(train_log, out / "training.png")
     if png:
-        lines += ["## Training", "", f"![training curves]({png})", ""]
+        lines += ["## Training", ""] + _section_speed(train_log) + [f"![training curves]({png})", ""]
     if prep:
         lines += _section_data(prep)
     if gens:

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from medgen import atomic, models
+from medgen import atomic, models, throughput
 from medgen.config import Config
 from medgen.data import shards, storage
 from medgen.data.stream import PackedStream, as_hf_iterable, collate
@@ -154,7 +154,8 @@ class Signals:
 # --------------------------------------------------------------------------- callbacks
 
 
-def _callbacks(run_dir: Path, dataset: PackedStream, collator, signals: Signals, keep: int, tokens_per_step: int):
+def _callbacks(run_dir: Path, dataset: PackedStream, collator, signals: Signals, keep: int, tokens_per_step: int,
+               flops_per_token: float, peak_flops: float | None):
     from transformers import TrainerCallback
 
     class StepBoundary(TrainerCallback):
@@ -201,14 +202,25 @@ def _callbacks(run_dir: Path, dataset: PackedStream, collator, signals: Signals,
                 torch.distributed.barrier()
 
         def on_log(self, args, state, control, logs=None, **kw):
-            if not state.is_world_process_zero or not logs:
+            """Adds throughput to the step's logs (TensorBoard, added after this callback, sees them too) and
+            writes train_log.jsonl. Every rank gets here: the peak memory of each is gathered."""
+            if not logs:
                 return
+            memory = throughput.per_rank(throughput.peak_memory_gb(args.device), args.device) if "loss" in logs else []
             now = time.time()
-            rec = {"step": state.global_step, "time": round(now, 3), **logs}
-            if "loss" in logs and self.step_last is not None and state.global_step > self.step_last:
-                rec["tokens_per_s"] = round((state.global_step - self.step_last) * tokens_per_step / (now - self.t_last), 1)
-            if "loss" in logs:
+            if memory:
+                logs["peak_memory_gb"] = round(max(memory), 3)
+                if self.step_last is not None and state.global_step > self.step_last:
+                    tps = (state.global_step - self.step_last) * tokens_per_step / (now - self.t_last)
+                    logs["tokens_per_s"] = round(tps, 1)
+                    if peak_flops:
+                        logs["mfu"] = round(tps * flops_per_token / peak_flops, 4)
                 self.t_last, self.step_last = now, state.global_step
+            if not state.is_world_process_zero:
+                return
+            rec = {"step": state.global_step, "time": round(now, 3), **logs}
+            if memory:
+                rec["peak_memory_gb_per_rank"] = [round(m, 3) for m in memory]
             with open(run_dir / "train_log.jsonl", "a") as f:
                 f.write(json.dumps(rec) + "\n")
 
@@ -323,7 +335,7 @@ def build_trainer(cfg: Config):
             return super().create_optimizer(model)
 
     trainer = MedgenSFTTrainer(model=model, args=args, train_dataset=as_hf_iterable(dataset), processing_class=tok,
-                               peft_config=peft_config, data_collator=collator, callbacks=_tensorboard(cfg, args))
+                               peft_config=peft_config, data_collator=collator)
     if deepspeed_requested(t) and not trainer.is_deepspeed_enabled:  # never train plain DDP in its place
         raise UserError("train: DeepSpeed was asked for, but accelerate set up training without it")
     return trainer, dataset, collator, dict(precision=precision, targets=targets, streams=streams, tok=tok)
@@ -366,8 +378,12 @@ def run(cfg: Config) -> dict[str, Any]:
     args = trainer.args
     tokens_per_step = t.batch_size * t.grad_accum * t.max_length * args.world_size
     signals = Signals()
-    step_cb = _callbacks(run_dir, dataset, collator, signals, t.keep_checkpoints, tokens_per_step)
+    speed = throughput.flops_per_token(trainer.model, t.max_length)
+    step_cb = _callbacks(run_dir, dataset, collator, signals, t.keep_checkpoints, tokens_per_step, speed,
+                         throughput.device_peak(args.device, info["precision"]))
     trainer.add_callback(step_cb)
+    for tb in _tensorboard(cfg, args):  # after step_cb: it sees the throughput step_cb adds to the logs
+        trainer.add_callback(tb)
     ckpt_dir = Path(args.output_dir)
     resume = _complete_checkpoints(ckpt_dir)[-1] if ckpt_dir.exists() and _complete_checkpoints(ckpt_dir) else None
     if resume:
@@ -381,9 +397,10 @@ def run(cfg: Config) -> dict[str, Any]:
         run_dir.mkdir(parents=True, exist_ok=True)
         for partial in ckpt_dir.glob("checkpoint-*"):  # never picked; left by a killed save
             shutil.rmtree(partial, ignore_errors=True)
-        log.info("train: %s + LoRA r=%d on %s, %s, %d steps x %d tokens, %d processes, %d data streams%s",
-                 cfg.model.name_or_path, cfg.lora.r, info["targets"], info["precision"], t.max_steps,
-                 tokens_per_step, args.world_size, info["streams"], f", resuming from {resume}" if resume else "")
+        log.info("train: %s + LoRA r=%d on %s, %s, %d steps x %d tokens, %d processes, %d data streams, "
+                 "%.0f MFLOP per token%s", cfg.model.name_or_path, cfg.lora.r, info["targets"], info["precision"],
+                 t.max_steps, tokens_per_step, args.world_size, info["streams"], speed / 1e6,
+                 f", resuming from {resume}" if resume else "")
     signals.install()
     try:
         result = _train(trainer, resume, run_dir)

@@ -1,6 +1,7 @@
 """`medgen run` on the bundled demo data with tiny-gpt2: every output of the contract, checked for content."""
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -69,3 +70,14 @@ def test_report_exists(tiny_run):
     text = (tiny_run / "report" / "report.md").read_text()
     assert "## Perplexity" in text and "## Data" in text and "## Generations" in text
     assert (tiny_run / "report" / "training.png").stat().st_size > 1000
+    # speed from train_log.jsonl: tokens/s, MFU (unknown for a CPU), every rank's peak memory
+    assert re.search(r"\| tokens/s \(median over logged steps\) \| [\d,]+ \|", text), text
+    assert "| MFU (median) | n/a (device peak not known) |" in text and re.search(r"\| peak memory, rank 0 \| [\d.]+ GB \|", text)
+
+
+def test_tensorboard_has_the_throughput(tiny_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tiny_run / "tensorboard"))
+    events.Reload()
+    assert {"train/loss", "train/tokens_per_s", "train/peak_memory_gb"} <= set(events.Tags()["scalars"])

@@ -86,6 +86,11 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, shards):
     assert not {x for step in r0 for x in step} & {x for step in r1 for x in step}  # disjoint data
     assert [sorted(a) for a in s1] == [sorted(a + b) for a, b in zip(r0, r1)]  # same global batches
     assert max(v.abs().max().item() for k, v in _adapter(one).items() if "lora_B" in k) > 1e-4  # it trained
+    logged = [json.loads(x) for x in (two / "train_log.jsonl").read_text().splitlines()]
+    steps = [r for r in logged if "loss" in r]
+    assert steps and all(len(r["peak_memory_gb_per_rank"]) == 2 and min(r["peak_memory_gb_per_rank"]) > 0.1
+                         and r["peak_memory_gb"] == max(r["peak_memory_gb_per_rank"]) for r in steps)
+    assert all(r["tokens_per_s"] > 0 for r in steps[1:]) and "mfu" not in steps[-1]  # no known peak for a CPU
 
 
 def _kill9_tree(pid: int) -> None:
@@ -207,3 +212,16 @@ def test_zero2_and_zero3_presets_train_the_same_adapter_on_two_cpu_processes(tmp
 def test_accelerate_preset_starts_two_processes(tmp_path, shards):
     run = _preset("cpu2", tmp_path / "acc", shards, "train.max_steps=2", env=_env())
     assert sorted(p.name for p in (run / "samples").glob("*.jsonl")) == ["rank-00000.jsonl", "rank-00001.jsonl"]
+
+
+def test_flops_per_token_of_gpt2_is_counted_from_its_shape():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from medgen import throughput
+
+    model = GPT2LMHeadModel(GPT2Config())  # GPT-2 124M
+    per_layer = 768 * 2304 + 768 * 768 + 768 * 3072 + 3072 * 768  # c_attn, attn c_proj, c_fc, mlp c_proj
+    head = 768 * 50257  # the output head (tied to the token embedding, which is a lookup)
+    assert throughput.matmul_params(model) == (0, 12 * per_layer + head)  # nothing frozen yet: all trainable
+    model.requires_grad_(False)
+    assert throughput.flops_per_token(model, 1024) == 4 * (12 * per_layer + head) + 6 * 12 * 1024 * 768
