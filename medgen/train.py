@@ -254,6 +254,11 @@ def _restore_stream(ckpt: Path, dataset: PackedStream, world: int) -> None:
     states = [json.loads(p.read_text()) for p in sorted(ckpt.glob("stream-rank-*.json"))]
     if not states:
         raise UserError(f"checkpoint {ckpt} has no stream state; delete it to start over")
+    if states[0]["num_streams"] != dataset.num_streams:  # another data order: this checkpoint cannot go on
+        raise UserError(
+            f"train.data_streams: checkpoint {ckpt} was trained with {states[0]['num_streams']} data streams, this "
+            f"run has {dataset.num_streams} (train.data_streams=0 means one per process); set "
+            f"train.data_streams={states[0]['num_streams']} to resume it, or use another run.dir to start over")
     merged = {"num_streams": states[0]["num_streams"], "next": 0, "streams": {}}
     for s in states:
         merged["streams"].update(s["streams"])

@@ -65,3 +65,18 @@ def test_incompatible_shards(tmp_path, tiny_run):
     tok.save_pretrained(other)
     _one_line_error(medgen("train", *TINY, f"run.dir={tmp_path}", f"data.shards={tiny_run / 'data'}",
                            f"model.name_or_path={other}", check=False), "rerun `medgen prepare`")
+
+
+def test_a_data_error_inside_a_storage_read_is_not_blamed_on_the_url():
+    import pyarrow as pa
+    import pytest
+
+    from medgen.data.storage import storage_errors
+    from medgen.errors import UserError
+
+    with pytest.raises(pa.ArrowInvalid, match="schema mismatch"):  # a bug: shown as it is
+        with storage_errors("data.shards", "s3://bucket/data"):
+            raise pa.ArrowInvalid("schema mismatch")
+    with pytest.raises(UserError, match="data.shards: cannot read s3://bucket/data: Connection reset"):
+        with storage_errors("data.shards", "s3://bucket/data"):
+            raise ConnectionResetError("Connection reset")

@@ -145,6 +145,13 @@ def test_checkpoints_keep_the_last_k_complete(tmp_path, shards):
     for name in ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth",
                  "trainer_state.json", "stream-rank-00000.json", "medgen.json"):
         assert (run / "checkpoints" / "step-8" / name).exists(), name
+    # resuming it with another data order is one line, not a traceback
+    changed = subprocess.run(_cmd(1, run, shards, "train.data_streams=1", f"train.max_steps={STEPS + 2}"), cwd=ROOT,
+                             env=_env(), capture_output=True, text=True, timeout=900)
+    assert changed.returncode == 2 and "Traceback" not in changed.stderr, changed.stderr[-3000:]
+    assert changed.stderr.strip().splitlines()[-1].startswith(
+        f"medgen: error: train.data_streams: checkpoint {run / 'checkpoints' / 'step-8'} was trained with 2 data "
+        f"streams, this run has 1"), changed.stderr[-2000:]
 
 
 def test_loraplus_moves_b_at_ratio_times_the_rate(tmp_path, shards):

@@ -17,6 +17,8 @@ from medgen.errors import UserError
 # Client libraries whose exceptions mean "the object store said no", not "medgen has a bug".
 STORAGE_MODULES = ("botocore", "aiobotocore", "s3fs", "gcsfs", "google", "adlfs", "azure")
 CREDENTIALS = "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY"
+# Libraries whose non-I/O exceptions are about the data itself, never the storage it came from.
+DATA_MODULES = ("pyarrow", "pandas", "numpy")
 # botocore's own defaults (60 s timeouts, 5 attempts, under s3fs's 5 retries) take up to 25 minutes to notice
 # a stalled store; medgen retries outages itself (medgen/data/retry.py), so one attempt fails fast.
 S3_CLIENT_DEFAULTS = {"connect_timeout": 10, "read_timeout": 20, "retries": {"total_max_attempts": 1}}
@@ -75,6 +77,8 @@ def storage_errors(key: str, url: str, writing: bool = False) -> Iterator[None]:
 
 
 def _mapped(e: Exception, key: str, url: str, writing: bool) -> Exception:
+    if type(e).__module__.split(".")[0] in DATA_MODULES and not isinstance(e, OSError):
+        return e  # a schema or data error (pyarrow's are ValueErrors): a bug to show, not a URL to blame
     if isinstance(e, FileNotFoundError):
         if writing:
             return UserError(f"{key}: {redact(url)} does not exist (no such bucket or directory); "
