@@ -256,7 +256,7 @@ def load_config(path: Optional[str] = None, overrides: tuple[str, ...] | list[st
                 break
         else:
             node[parts[-1]] = _parse_scalar(value)
-    cfg = _build(Config, raw, "", problems)
+    cfg = build_dataclass(Config, raw, "", problems)
     problems += _check(cfg)  # fields that failed to parse kept their (valid) defaults
     if problems:
         raise ConfigError(problems)
@@ -308,7 +308,9 @@ def _parse_scalar(text: str) -> Any:
         return text
 
 
-def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
+def build_dataclass(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
+    """An instance of the config dataclass ``cls`` from a parsed YAML mapping; each problem is appended to
+    ``problems`` (prefixed), and a field that fails keeps its default. The profiles of launch/slurm use it too."""
     if not isinstance(raw, dict):
         problems.append(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(raw).__name__}")
         return cls()
@@ -323,7 +325,7 @@ def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
             continue
         hint = hints[f.name]
         if dataclasses.is_dataclass(hint):
-            setattr(obj, f.name, _build(hint, raw[f.name], f"{prefix}{f.name}.", problems))
+            setattr(obj, f.name, build_dataclass(hint, raw[f.name], f"{prefix}{f.name}.", problems))
         else:
             value, err = _coerce(raw[f.name], hint)
             if err:

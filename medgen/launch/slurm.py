@@ -123,7 +123,7 @@ def load_profile(name: str, own: str = "") -> Profile:
     except yaml.YAMLError as e:
         raise ConfigError([f"{where}: {path} is not valid YAML ({str(e).splitlines()[0]})"]) from None
     problems: list[str] = []
-    prof = config._build(Profile, raw, f"{where}: ", problems)
+    prof = config.build_dataclass(Profile, raw, f"{where}: ", problems)
     problems += [f"{where}: {p}" for p in _check_profile(prof)]
     if problems:
         raise ConfigError(problems)
