@@ -3,7 +3,8 @@
 Runs as one process or under ``accelerate launch`` / ``torchrun`` (DDP or DeepSpeed ZeRO-2/3). Exact
 resume: a checkpoint holds the adapter, optimizer, scheduler, every rank's RNG state and every data
 stream's position; it is written as ``checkpoint-N`` by the Trainer and renamed to ``step-N`` only
-once complete on all ranks, and start-up resumes from the newest ``step-N``. SIGTERM/SIGUSR2 make every
+once complete on all ranks, and start-up resumes from the newest ``step-N`` (the protocol:
+medgen/checkpoint.py). SIGTERM/SIGUSR2 make every
 rank checkpoint at the next step boundary and stop (exit code 75, rerun to resume); SIGUSR1 asks for a
 checkpoint and goes on.
 """
@@ -19,8 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import TrainerCallback
+from trl import SFTTrainer
 
 from medgen import atomic, models, throughput
+from medgen.checkpoint import Checkpoints
 from medgen.config import Config
 from medgen.data import shards, storage
 from medgen.data.stream import PackedStream, as_hf_iterable, collate
@@ -154,79 +158,6 @@ class Signals:
 # --------------------------------------------------------------------------- callbacks
 
 
-def _callbacks(run_dir: Path, dataset: PackedStream, collator, signals: Signals, keep: int, tokens_per_step: int,
-               flops_per_token: float, peak_flops: float | None):
-    from transformers import TrainerCallback
-
-    class StepBoundary(TrainerCallback):
-        """Per step: sample log, signal flags (all-reduced), stream state + atomic rename on save."""
-
-        def __init__(self):
-            self.preempted = False
-            self.t_last, self.step_last = time.time(), None
-
-        def on_step_end(self, args, state, control, **kw):
-            samples_dir = run_dir / "samples"
-            samples_dir.mkdir(parents=True, exist_ok=True)
-            with open(samples_dir / f"rank-{args.process_index:05d}.jsonl", "a") as f:
-                f.write(json.dumps({"step": state.global_step, "samples": collator.take()}) + "\n")
-            flags = torch.tensor([signals.preempt, signals.save_now], dtype=torch.int32)
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                flags = flags.to(args.device)
-                torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-            preempt, save_now = bool(flags[0]), bool(flags[1])
-            if preempt or save_now:
-                control.should_save = True
-                signals.save_now = False
-            if preempt:
-                if not self.preempted and signals.received:  # which rank (node) got what, for the job's log
-                    log.warning("rank %d received %s: checkpointing at step %d, then stopping", args.process_index,
-                                signals.received, state.global_step)
-                control.should_training_stop = True
-                self.preempted = True
-            return control
-
-        def on_save(self, args, state, control, **kw):
-            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            (ckpt / f"stream-rank-{args.process_index:05d}.json").write_text(json.dumps(dataset.state_dict()))
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                torch.distributed.barrier()
-            if state.is_world_process_zero:
-                (ckpt / "medgen.json").write_text(json.dumps({"step": state.global_step, "world_size": args.world_size}))
-                final = ckpt.with_name(f"step-{state.global_step}")
-                atomic.commit_dir(ckpt, final)  # the commit point: only step-N dirs are ever resumed from
-                for old in _complete_checkpoints(ckpt.parent)[:-keep]:
-                    shutil.rmtree(old, ignore_errors=True)
-                log.info("checkpoint %s saved", final)
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                torch.distributed.barrier()
-
-        def on_log(self, args, state, control, logs=None, **kw):
-            """Adds throughput to the step's logs (TensorBoard, added after this callback, sees them too) and
-            writes train_log.jsonl. Every rank gets here: the peak memory of each is gathered."""
-            if not logs:
-                return
-            memory = throughput.per_rank(throughput.peak_memory_gb(args.device), args.device) if "loss" in logs else []
-            now = time.time()
-            if memory:
-                logs["peak_memory_gb"] = round(max(memory), 3)
-                if self.step_last is not None and state.global_step > self.step_last:
-                    tps = (state.global_step - self.step_last) * tokens_per_step / (now - self.t_last)
-                    logs["tokens_per_s"] = round(tps, 1)
-                    if peak_flops:
-                        logs["mfu"] = round(tps * flops_per_token / peak_flops, 4)
-                self.t_last, self.step_last = now, state.global_step
-            if not state.is_world_process_zero:
-                return
-            rec = {"step": state.global_step, "time": round(now, 3), **logs}
-            if memory:
-                rec["peak_memory_gb_per_rank"] = [round(m, 3) for m in memory]
-            with open(run_dir / "train_log.jsonl", "a") as f:
-                f.write(json.dumps(rec) + "\n")
-
-    return StepBoundary()
-
-
 class RecordingCollator:
     """``collate`` that remembers which blocks it batched, for the per-step sample log."""
 
@@ -242,30 +173,77 @@ class RecordingCollator:
         return out
 
 
-# --------------------------------------------------------------------------- checkpoints
+class StepBoundary(TrainerCallback):
+    """Per step: the sample log, signal flags (all-reduced, so every rank stops at the same step), the data
+    streams' positions into each checkpoint and its commit, throughput into the logs and train_log.jsonl."""
+
+    def __init__(self, run_dir: Path, stream: PackedStream, collator: RecordingCollator, signals: Signals,
+                 checkpoints: Checkpoints, tokens_per_step: int, flops_per_token: float, peak_flops: float | None):
+        self.run_dir, self.stream, self.collator, self.signals = run_dir, stream, collator, signals
+        self.checkpoints, self.tokens_per_step = checkpoints, tokens_per_step
+        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+        self.preempted = False
+        self.t_last, self.step_last = time.time(), None
+
+    def on_step_end(self, args, state, control, **kw):
+        samples_dir = self.run_dir / "samples"
+        samples_dir.mkdir(parents=True, exist_ok=True)
+        with open(samples_dir / f"rank-{args.process_index:05d}.jsonl", "a") as f:
+            f.write(json.dumps({"step": state.global_step, "samples": self.collator.take()}) + "\n")
+        flags = torch.tensor([self.signals.preempt, self.signals.save_now], dtype=torch.int32)
+        if _distributed():
+            flags = flags.to(args.device)
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        preempt, save_now = bool(flags[0]), bool(flags[1])
+        if preempt or save_now:
+            control.should_save = True
+            self.signals.save_now = False
+        if preempt:
+            if not self.preempted and self.signals.received:  # which rank (node) got what, for the job's log
+                log.warning("rank %d received %s: checkpointing at step %d, then stopping", args.process_index,
+                            self.signals.received, state.global_step)
+            control.should_training_stop = True
+            self.preempted = True
+        return control
+
+    def on_save(self, args, state, control, **kw):
+        self.checkpoints.add_stream_state(state.global_step, args.process_index, self.stream.state_dict())
+        if _distributed():
+            torch.distributed.barrier()
+        if state.is_world_process_zero:
+            log.info("checkpoint %s saved", self.checkpoints.commit(state.global_step, args.world_size))
+        if _distributed():
+            torch.distributed.barrier()
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        """Adds throughput to the step's logs (TensorBoard, added after this callback, sees them too) and
+        writes train_log.jsonl. Every rank gets here: the peak memory of each is gathered."""
+        if not logs:
+            return
+        memory = throughput.per_rank(throughput.peak_memory_gb(args.device), args.device) if "loss" in logs else []
+        now = time.time()
+        if memory:
+            logs["peak_memory_gb"] = round(max(memory), 3)
+            if self.step_last is not None and state.global_step > self.step_last:
+                tps = (state.global_step - self.step_last) * self.tokens_per_step / (now - self.t_last)
+                logs["tokens_per_s"] = round(tps, 1)
+                if self.peak_flops:
+                    logs["mfu"] = round(tps * self.flops_per_token / self.peak_flops, 4)
+            self.t_last, self.step_last = now, state.global_step
+        if not state.is_world_process_zero:
+            return
+        rec = {"step": state.global_step, "time": round(now, 3), **logs}
+        if memory:
+            rec["peak_memory_gb_per_rank"] = [round(m, 3) for m in memory]
+        with open(self.run_dir / "train_log.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
 
 
-def _complete_checkpoints(d: Path) -> list[Path]:
-    done = [p for p in d.glob("step-*") if (p / "medgen.json").exists()]
-    return sorted(done, key=lambda p: int(p.name.split("-")[1]))
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
-def _restore_stream(ckpt: Path, dataset: PackedStream, world: int) -> None:
-    states = [json.loads(p.read_text()) for p in sorted(ckpt.glob("stream-rank-*.json"))]
-    if not states:
-        raise UserError(f"checkpoint {ckpt} has no stream state; delete it to start over")
-    if states[0]["num_streams"] != dataset.num_streams:  # another data order: this checkpoint cannot go on
-        raise UserError(
-            f"train.data_streams: checkpoint {ckpt} was trained with {states[0]['num_streams']} data streams, this "
-            f"run has {dataset.num_streams} (train.data_streams=0 means one per process); set "
-            f"train.data_streams={states[0]['num_streams']} to resume it, or use another run.dir to start over")
-    merged = {"num_streams": states[0]["num_streams"], "next": 0, "streams": {}}
-    for s in states:
-        merged["streams"].update(s["streams"])
-    if len(states) == world:  # same layout: keep this rank's round-robin position
-        mine = next(s for s in states if set(s["streams"]) == {str(v) for v in dataset.stream_ids})
-        merged["next"] = mine["next"]
-    dataset.load_state_dict(merged)
+# --------------------------------------------------------------------------- logs on resume
 
 
 def _truncate_log(path: Path, step: int) -> None:
@@ -287,9 +265,33 @@ def _truncate_log(path: Path, step: int) -> None:
 # --------------------------------------------------------------------------- the stage
 
 
+class MedgenSFTTrainer(SFTTrainer):
+    """SFTTrainer reading medgen's packed stream as it is, with LoRA+ as an option."""
+
+    def __init__(self, *args, stream: PackedStream, loraplus_ratio: float, **kwargs):
+        self.medgen_stream, self.loraplus_ratio = stream, loraplus_ratio
+        self.finished = False  # resumed from the checkpoint of the last step: nothing left to train
+        super().__init__(*args, **kwargs)
+
+    def get_train_dataloader(self):
+        # Not passed through accelerator.prepare: the stream already gives each rank its own blocks,
+        # and a second split on top would lose data.
+        # Its own generator: a DataLoader iterator draws a seed from the global RNG, which on resume
+        # would shift the restored dropout RNG by one draw.
+        # Finished: no blocks, else the Trainer takes one step past max_steps before it checks.
+        blocks = _NoBlocks() if self.finished else self.medgen_stream
+        return torch.utils.data.DataLoader(blocks, batch_size=self._train_batch_size, collate_fn=self.data_collator,
+                                           num_workers=0, pin_memory=torch.cuda.is_available(),
+                                           generator=torch.Generator())
+
+    def create_optimizer(self, model=None):
+        if self.loraplus_ratio and self.optimizer is None:
+            self.optimizer = loraplus_optimizer(self, self.model if model is None else model, self.loraplus_ratio)
+        return super().create_optimizer(model)
+
+
 def build_trainer(cfg: Config):
     from peft import LoraConfig
-    from trl import SFTTrainer
 
     t = cfg.train
     tok = models.load_tokenizer(cfg.model.name_or_path, cfg.model.revision)
@@ -320,27 +322,9 @@ def build_trainer(cfg: Config):
 
     set_seed(t.seed)
 
-    class MedgenSFTTrainer(SFTTrainer):
-        finished = False  # resumed from the checkpoint of the last step: nothing left to train
-
-        def get_train_dataloader(self):
-            # Not passed through accelerator.prepare: the stream already gives each rank its own blocks,
-            # and a second split on top would lose data.
-            # Its own generator: a DataLoader iterator draws a seed from the global RNG, which on resume
-            # would shift the restored dropout RNG by one draw.
-            # Finished: no blocks, else the Trainer takes one step past max_steps before it checks.
-            blocks = _NoBlocks() if self.finished else dataset
-            return torch.utils.data.DataLoader(blocks, batch_size=self._train_batch_size, collate_fn=collator,
-                                               num_workers=0, pin_memory=torch.cuda.is_available(),
-                                               generator=torch.Generator())
-
-        def create_optimizer(self, model=None):
-            if t.loraplus_lr_ratio and self.optimizer is None:
-                self.optimizer = loraplus_optimizer(self, self.model if model is None else model, t.loraplus_lr_ratio)
-            return super().create_optimizer(model)
-
     trainer = MedgenSFTTrainer(model=model, args=args, train_dataset=as_hf_iterable(dataset), processing_class=tok,
-                               peft_config=peft_config, data_collator=collator)
+                               peft_config=peft_config, data_collator=collator, stream=dataset,
+                               loraplus_ratio=t.loraplus_lr_ratio)
     if deepspeed_requested(t) and not trainer.is_deepspeed_enabled:  # never train plain DDP in its place
         raise UserError("train: DeepSpeed was asked for, but accelerate set up training without it")
     return trainer, dataset, collator, dict(precision=precision, targets=targets, streams=streams, tok=tok)
@@ -384,37 +368,37 @@ def run(cfg: Config) -> dict[str, Any]:
     tokens_per_step = t.batch_size * t.grad_accum * t.max_length * args.world_size
     signals = Signals()
     speed = throughput.flops_per_token(trainer.model, t.max_length)
-    step_cb = _callbacks(run_dir, dataset, collator, signals, t.keep_checkpoints, tokens_per_step, speed,
-                         throughput.device_peak(args.device, info["precision"]))
+    checkpoints = Checkpoints(Path(args.output_dir), t.keep_checkpoints)
+    step_cb = StepBoundary(run_dir, dataset, collator, signals, checkpoints, tokens_per_step, speed,
+                           throughput.device_peak(args.device, info["precision"]))
     trainer.add_callback(step_cb)
     for tb in _tensorboard(cfg, args):  # after step_cb: it sees the throughput step_cb adds to the logs
         trainer.add_callback(tb)
-    ckpt_dir = Path(args.output_dir)
-    resume = _complete_checkpoints(ckpt_dir)[-1] if ckpt_dir.exists() and _complete_checkpoints(ckpt_dir) else None
+    resume = checkpoints.newest()
     if resume:
-        _restore_stream(resume, dataset, args.world_size)
-    resumed_step = int(resume.name.split("-")[1]) if resume else 0
+        dataset.load_state_dict(checkpoints.stream_state(resume, dataset.num_streams, dataset.stream_ids,
+                                                         args.world_size))
+    resumed_step = checkpoints.step(resume) if resume else 0
     trainer.finished = resumed_step >= t.max_steps
     _truncate_log(run_dir / "samples" / f"rank-{args.process_index:05d}.jsonl", resumed_step)
     if trainer.is_world_process_zero():
         _truncate_log(run_dir / "train_log.jsonl", resumed_step)
     if trainer.is_world_process_zero():
         run_dir.mkdir(parents=True, exist_ok=True)
-        for partial in ckpt_dir.glob("checkpoint-*"):  # never picked; left by a killed save
-            shutil.rmtree(partial, ignore_errors=True)
+        checkpoints.remove_partial()
         log.info("train: %s + LoRA r=%d on %s, %s, %d steps x %d tokens, %d processes, %d data streams, "
                  "%.0f MFLOP per token%s", cfg.model.name_or_path, cfg.lora.r, info["targets"], info["precision"],
                  t.max_steps, tokens_per_step, args.world_size, info["streams"], speed / 1e6,
                  f", resuming from {resume}" if resume else "")
     signals.install()
     try:
-        result = _train(trainer, resume, run_dir)
+        result = _train(trainer, resume, run_dir, checkpoints)
     finally:
         signals.uninstall()
     if step_cb.preempted:
         raise Preempted(f"train: stopped by a signal ({signals.received or 'sent to another rank'}) at step "
                         f"{trainer.state.global_step}; "
-                        f"checkpoint saved in {ckpt_dir}; rerun the same command to resume")
+                        f"checkpoint saved in {checkpoints.directory}; rerun the same command to resume")
     adapter_dir = run_dir / "adapter"
     _save_atomic(trainer, adapter_dir)
     if t.merge and trainer.is_world_process_zero():
@@ -424,21 +408,20 @@ def run(cfg: Config) -> dict[str, Any]:
             "adapter": str(adapter_dir)}
 
 
-def _train(trainer, resume: Path | None, run_dir: Path):
+def _train(trainer, resume: Path | None, run_dir: Path, checkpoints: Checkpoints):
     """trainer.train; a full disk is one line: the checkpoint being written is never committed (it is
     removed, freeing its space), the last complete one stays and a rerun resumes from it."""
-    ckpt_dir = Path(trainer.args.output_dir)
     try:
         return trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     except Exception as e:
-        partial = ckpt_dir / f"checkpoint-{trainer.state.global_step}"
+        partial = checkpoints.partial(trainer.state.global_step)
         where = partial if partial.exists() else Path(getattr(e, "filename", None) or run_dir)
         if isinstance(e, UserError) or not storage.is_no_space(e, where):
             raise
-        last = _complete_checkpoints(ckpt_dir)[-1:] if ckpt_dir.exists() else []
+        last = checkpoints.newest()
         if trainer.is_world_process_zero():
             shutil.rmtree(partial, ignore_errors=True)
-        kept = f"training resumes from {last[0]}" if last else "no complete checkpoint yet: training starts over"
+        kept = f"training resumes from {last}" if last else "no complete checkpoint yet: training starts over"
         raise storage.no_space(where, "a checkpoint" if where == partial else "the training logs", kept) from None
 
 

@@ -1,0 +1,81 @@
+"""The checkpoint protocol of training: what makes a checkpoint complete, and how a run resumes from one.
+
+The Trainer writes ``checkpoint-N`` (adapter, optimizer, scheduler, every rank's RNG state); every rank
+adds its data streams' positions; rank 0 then writes ``medgen.json`` and renames the folder ``step-N``.
+That rename is the commit point: only ``step-N`` folders are ever resumed from, so a checkpoint cut short
+(a kill, a full disk) is never used. The newest ``keep`` complete ones are kept.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from medgen import atomic
+from medgen.errors import UserError
+
+COMMITTED = "medgen.json"
+
+
+class Checkpoints:
+    """The checkpoints of one run, in ``directory`` (the Trainer's output_dir)."""
+
+    def __init__(self, directory: Path, keep: int):
+        self.directory, self.keep = Path(directory), keep
+
+    @staticmethod
+    def step(ckpt: Path) -> int:
+        return int(ckpt.name.split("-")[1])
+
+    def complete(self) -> list[Path]:
+        """Committed checkpoints, oldest first."""
+        if not self.directory.exists():
+            return []
+        return sorted((p for p in self.directory.glob("step-*") if (p / COMMITTED).exists()), key=self.step)
+
+    def newest(self) -> Path | None:
+        done = self.complete()
+        return done[-1] if done else None
+
+    def partial(self, step: int) -> Path:
+        """Where the Trainer writes the checkpoint of ``step`` before it is committed."""
+        return self.directory / f"checkpoint-{step}"
+
+    def remove_partial(self) -> None:
+        """Checkpoints never committed (a killed save): never resumed from, so never kept."""
+        for p in self.directory.glob("checkpoint-*"):
+            shutil.rmtree(p, ignore_errors=True)
+
+    def add_stream_state(self, step: int, rank: int, state: dict[str, Any]) -> None:
+        (self.partial(step) / f"stream-rank-{rank:05d}.json").write_text(json.dumps(state))
+
+    def commit(self, step: int, world_size: int) -> Path:
+        """Rank 0, once every rank has written its part: mark the checkpoint complete, rename it ``step-N``
+        (the commit point), drop the oldest complete ones beyond ``keep``."""
+        ckpt, final = self.partial(step), self.directory / f"step-{step}"
+        (ckpt / COMMITTED).write_text(json.dumps({"step": step, "world_size": world_size}))
+        atomic.commit_dir(ckpt, final)
+        for old in self.complete()[:-self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    @staticmethod
+    def stream_state(ckpt: Path, num_streams: int, stream_ids: list[int], world: int) -> dict[str, Any]:
+        """The data streams' positions saved in ``ckpt``, merged for this rank (``stream_ids``) of ``world``:
+        the same streams whatever the number of processes, so a run resumes exactly on another world size."""
+        states = [json.loads(p.read_text()) for p in sorted(ckpt.glob("stream-rank-*.json"))]
+        if not states:
+            raise UserError(f"checkpoint {ckpt} has no stream state; delete it to start over")
+        if states[0]["num_streams"] != num_streams:  # another data order: this checkpoint cannot go on
+            raise UserError(
+                f"train.data_streams: checkpoint {ckpt} was trained with {states[0]['num_streams']} data streams, "
+                f"this run has {num_streams} (train.data_streams=0 means one per process); set "
+                f"train.data_streams={states[0]['num_streams']} to resume it, or use another run.dir to start over")
+        merged: dict[str, Any] = {"num_streams": num_streams, "next": 0, "streams": {}}
+        for s in states:
+            merged["streams"].update(s["streams"])
+        if len(states) == world:  # same layout: keep this rank's round-robin position
+            mine = next(s for s in states if set(s["streams"]) == {str(v) for v in stream_ids})
+            merged["next"] = mine["next"]
+        return merged

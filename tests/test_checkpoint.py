@@ -1,0 +1,43 @@
+"""The checkpoint protocol alone (medgen/checkpoint.py), on plain folders: only committed checkpoints count,
+the newest k are kept, a cut-short one is never resumed from, stream states merge for any world size."""
+import json
+
+import pytest
+
+from medgen.checkpoint import Checkpoints
+from medgen.errors import UserError
+
+
+def _written_by_trainer(ckpts: Checkpoints, step: int, ranks: int = 1) -> None:
+    ckpts.partial(step).mkdir(parents=True)
+    (ckpts.partial(step) / "adapter_model.safetensors").write_bytes(b"weights")
+    for rank in range(ranks):  # two streams per rank, as train.data_streams=2 x ranks
+        ckpts.add_stream_state(step, rank, {"num_streams": 2 * ranks, "next": rank,
+                                            "streams": {str(v): {"row": step} for v in range(rank, 2 * ranks, ranks)}})
+
+
+def test_only_committed_checkpoints_count_and_the_newest_k_are_kept(tmp_path):
+    ckpts = Checkpoints(tmp_path, keep=2)
+    assert ckpts.newest() is None and ckpts.complete() == []
+    for step in (2, 4, 6):
+        _written_by_trainer(ckpts, step)
+        assert ckpts.commit(step, world_size=1) == tmp_path / f"step-{step}"
+    _written_by_trainer(ckpts, 8)  # cut short: never committed
+    assert [p.name for p in ckpts.complete()] == ["step-4", "step-6"]
+    assert ckpts.newest() == tmp_path / "step-6" and Checkpoints.step(ckpts.newest()) == 6
+    assert json.loads((tmp_path / "step-6" / "medgen.json").read_text()) == {"step": 6, "world_size": 1}
+    ckpts.remove_partial()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-4", "step-6"]
+
+
+def test_stream_states_merge_for_another_world_size_and_refuse_another_stream_count(tmp_path):
+    ckpts = Checkpoints(tmp_path, keep=1)
+    _written_by_trainer(ckpts, 3, ranks=2)
+    ckpt = ckpts.commit(3, world_size=2)
+    same = Checkpoints.stream_state(ckpt, 4, [1, 3], world=2)  # rank 1 of 2 again: its round-robin position
+    assert same["next"] == 1 and sorted(same["streams"]) == ["0", "1", "2", "3"]
+    one = Checkpoints.stream_state(ckpt, 4, [0, 1, 2, 3], world=1)  # every stream on one process
+    assert one["next"] == 0 and sorted(one["streams"]) == ["0", "1", "2", "3"]
+    with pytest.raises(UserError, match=r"train.data_streams: checkpoint .*step-3 was trained with 4 data streams, "
+                                        r"this run has 2"):
+        Checkpoints.stream_state(ckpt, 2, [0, 1], world=1)
