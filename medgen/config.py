@@ -20,6 +20,7 @@ from typing import Any, Literal, Optional
 import yaml
 
 from medgen.errors import ConfigError
+from medgen.layout import RunLayout
 
 ASSETS = resources.files("medgen") / "assets"
 DEMO_ARTICLES = str(ASSETS / "demo" / "articles.csv")
@@ -220,6 +221,11 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
+
+    @property
+    def layout(self) -> RunLayout:
+        """Where each stage's outputs live in run.dir."""
+        return RunLayout(Path(self.run.dir))
 
     @property
     def shards_url(self) -> str:

@@ -12,6 +12,7 @@ import torch
 
 from medgen.atomic import write_text
 from medgen.errors import UserError
+from medgen.layout import RunLayout
 
 
 def process_state():
@@ -60,7 +61,7 @@ def _own_ip(master: str) -> str:
 def record_placement(run_dir: str, stage: str) -> dict[str, Any]:
     """Write ``<run.dir>/ranks/<stage>-rank-NNNNN.json`` (overwritten by a rerun) and return it."""
     where = placement()
-    out = Path(run_dir) / "ranks"
+    out = RunLayout(Path(run_dir)).ranks
     out.mkdir(parents=True, exist_ok=True)
     write_text(str(out / f"{stage}-rank-{where['rank']:05d}.json"), json.dumps(where) + "\n")
     return where

@@ -16,7 +16,6 @@ import math
 import os
 import time
 from collections import defaultdict
-from pathlib import Path
 from typing import Any, Iterator, NamedTuple
 
 import numpy as np
@@ -30,6 +29,7 @@ from medgen.data import shards, stream
 from medgen.data.storage import disk_errors
 from medgen.dist import process_state
 from medgen.errors import UserError
+from medgen.layout import RunLayout
 
 log = logging.getLogger(__name__)
 LN2 = math.log(2.0)
@@ -244,7 +244,7 @@ def run(cfg: Config) -> dict[str, Any]:
         info = dict(context=context, stride=stride, has_adapter=has_adapter, world=state.num_processes,
                     seconds=seconds, threads=threads)
         metrics = build_metrics(cfg, rows, totals, int(round(bytes_total)), int(round(n_articles)), info)
-        _write_outputs(Path(cfg.run.dir) / "eval", rows, metrics)
+        _write_outputs(cfg.layout, rows, metrics)
     finally:
         state.wait_for_everyone()
     return metrics
@@ -266,7 +266,7 @@ def _load_model(cfg: Config, device: torch.device):
 
     dtype = torch.float32 if cfg.eval.dtype == "float32" else torch.bfloat16
     model = models.load_model(cfg.model.name_or_path, cfg.model.revision, dtype)
-    adapter_dir = Path(cfg.run.dir) / "adapter"
+    adapter_dir = cfg.layout.adapter
     has_adapter = (adapter_dir / "adapter_config.json").exists()
     if has_adapter:
         model = PeftModel.from_pretrained(model, str(adapter_dir))
@@ -312,7 +312,7 @@ def build_metrics(cfg: Config, rows: list[dict], totals: dict, n_bytes: int, n_a
                   info: dict) -> dict[str, Any]:
     """metrics.json (schema in docs/evaluate.md)."""
     e = cfg.eval
-    adapter_dir = Path(cfg.run.dir) / "adapter"
+    adapter_dir = cfg.layout.adapter
     provenance = {
         "method": METHOD, "context": info["context"], "stride": info["stride"], "model": cfg.model.name_or_path,
         "model_fingerprint": models.model_fingerprint(cfg.model.name_or_path),
@@ -352,9 +352,9 @@ def _timing(info: dict, out: dict) -> dict[str, Any]:
     return timing
 
 
-def _write_outputs(out: Path, rows: list[dict], metrics: dict) -> None:
+def _write_outputs(layout: RunLayout, rows: list[dict], metrics: dict) -> None:
     """The eval folder as a whole: the previous one stays until the new one is complete (a pair)."""
-    with disk_errors(out, "the evaluation output", "the previous evaluation output, if any, is kept"), \
-            atomic.directory(out) as tmp:
-        (tmp / "articles.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    with disk_errors(layout.eval, "the evaluation output", "the previous evaluation output, if any, is kept"), \
+            atomic.directory(layout.eval) as tmp:
+        (tmp / layout.eval_articles.name).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        (tmp / layout.metrics.name).write_text(json.dumps(metrics, indent=2), encoding="utf-8")

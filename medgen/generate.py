@@ -204,7 +204,7 @@ def _first_stop(text: str, stops: list[str]) -> int:
 
 def provenance(cfg: Config, adapter: bool = True) -> dict[str, Any]:
     """The fields every line shares; computable without loading the model (the rerun check needs it)."""
-    adapter_dir = Path(cfg.run.dir) / "adapter"
+    adapter_dir = cfg.layout.adapter
     has_adapter = adapter and (adapter_dir / "adapter_config.json").exists()
     return {
         "model": cfg.model.name_or_path,
@@ -254,7 +254,7 @@ class Generator:
         if self.header["adapter_fingerprint"]:
             probe = self.tok(PROBE, return_tensors="pt", add_special_tokens=False)["input_ids"]
             model, self.adapter_merged, self.merge_diff = attach_adapter(
-                model, str(Path(cfg.run.dir) / "adapter"), g.merge_tolerance, probe)
+                model, str(cfg.layout.adapter), g.merge_tolerance, probe)
             log.info("adapter %s (merged: %s, relative logit difference %.1e)",
                      self.header["adapter_fingerprint"], self.adapter_merged, self.merge_diff)
         elif adapter:
@@ -358,7 +358,7 @@ def run(cfg: Config) -> dict[str, Any]:
         raise UserError("generate.prompts=- (stdin) works with `medgen generate` only")
     state = process_state()
     items = expand(read_prompts(g.prompts, cfg.data.storage_options, cfg.data.retry_seconds), g.num_samples)
-    out_dir = Path(cfg.run.dir) / "generations"
+    out_dir = cfg.layout.generations
     out_dir.mkdir(parents=True, exist_ok=True)
     header = provenance(cfg)
     _check_job(out_dir, header)
@@ -384,10 +384,10 @@ def run(cfg: Config) -> dict[str, Any]:
                 os.close(fd)
     state.wait_for_everyone()
     if state.is_main_process:
-        with disk_errors(out_dir / "generations.jsonl", "generations.jsonl", "the part files are kept; a rerun merges them"):
+        with disk_errors(cfg.layout.generations_file, "generations.jsonl", "the part files are kept; a rerun merges them"):
             _merge(out_dir, items)
     state.wait_for_everyone()
-    return {"prompts": len(items) // g.num_samples, "lines": len(items), "path": str(out_dir / "generations.jsonl")}
+    return {"prompts": len(items) // g.num_samples, "lines": len(items), "path": str(cfg.layout.generations_file)}
 
 
 def _append(fd: int, records: list[dict[str, Any]]) -> None:

@@ -318,18 +318,17 @@ def _section_provenance(metrics: dict | None, prep: dict | None) -> list[str]:
 
 def run(cfg: Config) -> dict[str, Any]:
     """The report folder as a whole (markdown, HTML, plots): the previous one stays until the new one is complete."""
-    final = Path(cfg.run.dir) / "report"
+    final = cfg.layout.report
     with disk_errors(final, "the report", "the previous report, if any, is kept"), atomic.directory(final) as out:
         _write_report(cfg, out)
     return {"report": str(final / "report.md"), "html": str(final / "report.html")}
 
 
 def _write_report(cfg: Config, out: Path) -> None:
-    run_dir = Path(cfg.run.dir)
     prep = _prepare_report(cfg)
-    metrics = _json(run_dir / "eval" / "metrics.json")
-    articles = _jsonl(run_dir / "eval" / "articles.jsonl")
-    gens = _jsonl(run_dir / "generations" / "generations.jsonl")
+    metrics = _json(cfg.layout.metrics)
+    articles = _jsonl(cfg.layout.eval_articles)
+    gens = _jsonl(cfg.layout.generations_file)
     lines = [f"# medgen report: {cfg.run.name}", ""]
     if metrics and "tuned" in metrics:
         lines += [f"**Tuned perplexity {metrics['tuned']['perplexity']:.2f} vs base {metrics['base']['perplexity']:.2f}** "
@@ -342,7 +341,7 @@ def _write_report(cfg: Config, out: Path) -> None:
             png = fn(metrics, out / name) if fn is plot_per_tag else fn(articles, out / name)
             if png:
                 lines += [f"![{title}]({png})", ""]
-    train_log = _jsonl(run_dir / "train_log.jsonl")
+    train_log = _jsonl(cfg.layout.train_log)
     png = plot_training(train_log, out / "training.png")
     if png:
         lines += ["## Training", ""] + _section_speed(train_log) + [f"![training curves]({png})", ""]

@@ -29,6 +29,7 @@ from medgen.config import Config
 from medgen.data import shards, storage
 from medgen.data.stream import PackedStream, as_hf_iterable, collate
 from medgen.errors import Preempted, UserError
+from medgen.layout import RunLayout
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ def sft_config(cfg: Config, precision: str):
     if cpu and deepspeed:
         deepspeed_cpu_state()
     args: dict[str, Any] = dict(
-        output_dir=str(Path(cfg.run.dir) / "checkpoints"),
+        output_dir=str(cfg.layout.checkpoints),
         max_steps=t.max_steps,
         per_device_train_batch_size=t.batch_size,
         gradient_accumulation_steps=t.grad_accum,
@@ -177,18 +178,17 @@ class StepBoundary(TrainerCallback):
     """Per step: the sample log, signal flags (all-reduced, so every rank stops at the same step), the data
     streams' positions into each checkpoint and its commit, throughput into the logs and train_log.jsonl."""
 
-    def __init__(self, run_dir: Path, stream: PackedStream, collator: RecordingCollator, signals: Signals,
+    def __init__(self, layout: RunLayout, stream: PackedStream, collator: RecordingCollator, signals: Signals,
                  checkpoints: Checkpoints, tokens_per_step: int, flops_per_token: float, peak_flops: float | None):
-        self.run_dir, self.stream, self.collator, self.signals = run_dir, stream, collator, signals
+        self.layout, self.stream, self.collator, self.signals = layout, stream, collator, signals
         self.checkpoints, self.tokens_per_step = checkpoints, tokens_per_step
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self.preempted = False
         self.t_last, self.step_last = time.time(), None
 
     def on_step_end(self, args, state, control, **kw):
-        samples_dir = self.run_dir / "samples"
-        samples_dir.mkdir(parents=True, exist_ok=True)
-        with open(samples_dir / f"rank-{args.process_index:05d}.jsonl", "a") as f:
+        self.layout.samples.mkdir(parents=True, exist_ok=True)
+        with open(self.layout.samples_of(args.process_index), "a") as f:
             f.write(json.dumps({"step": state.global_step, "samples": self.collator.take()}) + "\n")
         flags = torch.tensor([self.signals.preempt, self.signals.save_now], dtype=torch.int32)
         if _distributed():
@@ -235,7 +235,7 @@ class StepBoundary(TrainerCallback):
         rec = {"step": state.global_step, "time": round(now, 3), **logs}
         if memory:
             rec["peak_memory_gb_per_rank"] = [round(m, 3) for m in memory]
-        with open(self.run_dir / "train_log.jsonl", "a") as f:
+        with open(self.layout.train_log, "a") as f:
             f.write(json.dumps(rec) + "\n")
 
 
@@ -338,7 +338,7 @@ def _tensorboard(cfg: Config, args) -> list:
 
     if not args.should_log:
         return []
-    return [TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(Path(cfg.run.dir) / "tensorboard")))]
+    return [TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(cfg.layout.tensorboard)))]
 
 
 class _NoBlocks(torch.utils.data.IterableDataset):
@@ -369,7 +369,7 @@ def run(cfg: Config) -> dict[str, Any]:
     signals = Signals()
     speed = throughput.flops_per_token(trainer.model, t.max_length)
     checkpoints = Checkpoints(Path(args.output_dir), t.keep_checkpoints)
-    step_cb = StepBoundary(run_dir, dataset, collator, signals, checkpoints, tokens_per_step, speed,
+    step_cb = StepBoundary(cfg.layout, dataset, collator, signals, checkpoints, tokens_per_step, speed,
                            throughput.device_peak(args.device, info["precision"]))
     trainer.add_callback(step_cb)
     for tb in _tensorboard(cfg, args):  # after step_cb: it sees the throughput step_cb adds to the logs
@@ -380,9 +380,9 @@ def run(cfg: Config) -> dict[str, Any]:
                                                          args.world_size))
     resumed_step = checkpoints.step(resume) if resume else 0
     trainer.finished = resumed_step >= t.max_steps
-    _truncate_log(run_dir / "samples" / f"rank-{args.process_index:05d}.jsonl", resumed_step)
+    _truncate_log(cfg.layout.samples_of(args.process_index), resumed_step)
     if trainer.is_world_process_zero():
-        _truncate_log(run_dir / "train_log.jsonl", resumed_step)
+        _truncate_log(cfg.layout.train_log, resumed_step)
     if trainer.is_world_process_zero():
         run_dir.mkdir(parents=True, exist_ok=True)
         checkpoints.remove_partial()
@@ -399,10 +399,10 @@ def run(cfg: Config) -> dict[str, Any]:
         raise Preempted(f"train: stopped by a signal ({signals.received or 'sent to another rank'}) at step "
                         f"{trainer.state.global_step}; "
                         f"checkpoint saved in {checkpoints.directory}; rerun the same command to resume")
-    adapter_dir = run_dir / "adapter"
+    adapter_dir = cfg.layout.adapter
     _save_atomic(trainer, adapter_dir)
     if t.merge and trainer.is_world_process_zero():
-        _save_merged(cfg, adapter_dir, info["tok"], run_dir / "merged")
+        _save_merged(cfg, adapter_dir, info["tok"], cfg.layout.merged)
     trainer.accelerator.wait_for_everyone()
     return {"train_loss": result.training_loss, "steps": result.global_step, "precision": info["precision"],
             "adapter": str(adapter_dir)}

@@ -36,6 +36,7 @@ import medgen
 from medgen import atomic, config
 from medgen.config import Config, opt
 from medgen.errors import ConfigError, Preempted, StorageUnavailable, UserError
+from medgen.layout import RunLayout
 from medgen.logs import logging_for
 
 log = logging.getLogger("medgen")
@@ -213,12 +214,12 @@ def plan(cfg: Config, folder: Path) -> list[StagePlan]:
 def _submission_folder(cfg: Config) -> Path:
     # job ids restart at 1 on a rebuilt cluster: a fresh folder per submission keeps submitit from
     # mistaking an old job's result file for the new one's
-    base = Path(cfg.slurm.folder or Path(cfg.run.dir) / "slurm").absolute()
+    base = Path(cfg.slurm.folder or cfg.layout.slurm).absolute()
     return base / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
 
 
 def jobs_file(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "slurm" / "jobs.json"
+    return RunLayout(Path(run_dir)).jobs_file
 
 
 # --------------------------------------------------------------------------- dry run and submission
