@@ -35,6 +35,7 @@ DEFAULT_CSV = ROOT.parent / "shared" / "data" / "medium" / "medium-articles-500.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(ROOT))  # this checkout's medgen, whatever the venv's editable install points at
+from medgen.config import EvalConfig  # noqa: E402 (this checkout's medgen)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -42,9 +43,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default="smollm2-135m", help="model.name_or_path (built-in, directory or hub id)")
     p.add_argument("--csv", default=str(DEFAULT_CSV), help="real Medium articles CSV (Kaggle schema)")
     p.add_argument("--articles", type=int, default=6, help="test-split articles to score (manifest order)")
-    p.add_argument("--context", type=int, default=512)
-    p.add_argument("--stride", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=8, help="medgen's windows per forward pass")
+    # medgen's own defaults: what a user who changes nothing gets is what is measured
+    p.add_argument("--context", type=int, default=EvalConfig().context)
+    p.add_argument("--stride", type=int, default=EvalConfig().stride)
+    p.add_argument("--batch-size", type=int, default=EvalConfig().batch_size, help="medgen's windows per forward pass")
     p.add_argument("--repeats", type=int, default=2, help="alternating runs of each side; the best is reported")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = the cores this process may use)")

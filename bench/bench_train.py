@@ -22,6 +22,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from medgen.config import TrainConfig  # noqa: E402 (this checkout's medgen)
 SAMPLE = ROOT.parent / "shared" / "data" / "medium" / "medium-articles-500.csv"
 PEAK_FLOPS = 790e12  # measured bf16 matmul on an H100 (shared/notes/device-facts.md)
 
@@ -121,8 +122,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--max-length", type=int, default=512)
+    # medgen's own defaults: what a user who changes nothing gets is what is measured
+    ap.add_argument("--batch", type=int, default=TrainConfig().batch_size)
+    ap.add_argument("--max-length", type=int, default=TrainConfig().max_length)
     ap.add_argument("--only", choices=["both", "medgen", "trl"], default="both")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="extra medgen config override, e.g. train.sft_args={torch_compile: true}")
