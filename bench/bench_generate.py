@@ -205,6 +205,11 @@ def main() -> None:
         _append(Path(args.results), args, b_tokens, b_s, m_tokens, m_s, limit, formula, cmd)
 
 
+def _portable(text: str) -> str:
+    """The command as recorded: this machine's temporary folder as <tmp>, the checkout as ."""
+    return re.sub(r"[^\s=]*/bench-generate-[^/\s]+/", "<tmp>/", text).replace(str(ROOT) + "/", "")
+
+
 def _append(path: Path, args, b_tokens, b_s, m_tokens, m_s, limit, formula, cmd) -> None:
     b_rate, m_rate = b_tokens / b_s, m_tokens / m_s
     envs = " ".join(f"{k}={os.environ[k]}" for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS") if k in os.environ)
@@ -212,7 +217,7 @@ def _append(path: Path, args, b_tokens, b_s, m_tokens, m_s, limit, formula, cmd)
     lines = [
         f"\n## generate: medgen vs pipeline, {args.model} on {args.device} ({dt.date.today().isoformat()})\n",
         f"- machine: {machine(args.device)}; load average {args.load_before:.1f} before, {os.getloadavg()[0]:.1f} after",
-        f"- command: `{me.strip()}`; medgen ran as `{' '.join(shlex.quote(c) for c in cmd[1:])}`",
+        f"- command: `{me.strip()}`; medgen ran as `{_portable(' '.join(shlex.quote(c) for c in cmd[1:]))}`",
         f"- greedy, exactly {args.new_tokens} new tokens per prompt in both (min_new_tokens = max_new_tokens), {args.dtype} for medgen, float32 for the pipeline",
         "",
         "| | prompts | new tokens | seconds | new tokens/s |",

@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 SAMPLE = ROOT.parent / "shared" / "data" / "medium" / "medium-articles-500.csv"
 
 
-def unverified(shard, storage_options: dict):
+def unverified(shard, storage_options: dict, retry_seconds: float = 0):
     """The shard reader before the integrity check: row groups read straight from the file, unchecked."""
     import pyarrow.parquet as pq
 
