@@ -486,8 +486,8 @@ def _setup_task(distributed: bool) -> None:
 
     # Without a GPU, accelerate's PartialState() ignores RANK/WORLD_SIZE unless asked for the CPU: every
     # rank would think it is alone and do all the work. Start the shared state here (gloo), once; the
-    # stages' own PartialState()/Trainer then join it.
-    os.environ["ACCELERATE_USE_CPU"] = "true"
+    # stages join it, asking for the CPU themselves (dist.process_state, train's use_cpu) rather than
+    # through a process-wide ACCELERATE_USE_CPU.
     state = PartialState(cpu=True)
     if state.num_processes != env.world_size:
         raise RuntimeError(f"SLURM started {env.world_size} tasks but accelerate sees {state.num_processes}")
