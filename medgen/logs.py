@@ -24,6 +24,8 @@ class RedactSecrets(logging.Filter):
         self.secrets = sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True)
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if _orphaned_connection_error(record):
+            return False
         if self.secrets:
             text = record.getMessage()
             clean = text
@@ -35,6 +37,14 @@ class RedactSecrets(logging.Filter):
 
 
 FORMAT = "%(asctime)s medgen %(levelname)s %(message)s"
+
+
+def _orphaned_connection_error(record: logging.LogRecord) -> bool:
+    """asyncio's "Task exception was never retrieved" for an HTTP write that an outage cut short (aiohttp, under
+    s3fs): the failed request itself is retried or reported in one line; its orphaned task is noise."""
+    exc = record.exc_info[1] if record.exc_info else None
+    return (record.name == "asyncio" and isinstance(exc, ConnectionError | OSError)
+            and "never retrieved" in record.getMessage())
 
 
 @contextlib.contextmanager
