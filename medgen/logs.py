@@ -24,8 +24,6 @@ class RedactSecrets(logging.Filter):
         self.secrets = sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if _orphaned_connection_error(record):
-            return False
         if self.secrets:
             text = record.getMessage()
             clean = text
@@ -39,12 +37,12 @@ class RedactSecrets(logging.Filter):
 FORMAT = "%(asctime)s medgen %(levelname)s %(message)s"
 
 
-def _orphaned_connection_error(record: logging.LogRecord) -> bool:
-    """asyncio's "Task exception was never retrieved" for an HTTP write that an outage cut short (aiohttp, under
-    s3fs): the failed request itself is retried or reported in one line; its orphaned task is noise."""
+def _not_an_orphaned_connection_error(record: logging.LogRecord) -> bool:
+    """False for asyncio's "Task exception was never retrieved" about an HTTP write that an outage cut short
+    (aiohttp, under s3fs): the failed request itself is retried or reported in one line; its orphaned task is noise."""
     exc = record.exc_info[1] if record.exc_info else None
-    return (record.name == "asyncio" and isinstance(exc, ConnectionError | OSError)
-            and "never retrieved" in record.getMessage())
+    return not (record.name == "asyncio" and isinstance(exc, ConnectionError | OSError)
+                and "never retrieved" in record.getMessage())
 
 
 @contextlib.contextmanager
@@ -55,6 +53,7 @@ def logging_for(quiet: bool, debug: bool) -> Iterator[None]:
     levels = {name: logging.getLogger(name).level for name in ("", *NOISY)}
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter(FORMAT, datefmt="%H:%M:%S"))
+    handler.addFilter(_not_an_orphaned_connection_error)
     handler.addFilter(RedactSecrets([os.environ.get(v, "") for v in SECRET_VARIABLES]))
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO)
