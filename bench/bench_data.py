@@ -83,9 +83,10 @@ def index_memory(n: int, datasketch_lsh: bool) -> None:
     import numpy as np
 
     sys.path.insert(0, str(ROOT))
-    from medgen.data.filters import NearDuplicates
+    from medgen.data.filters import MinHashBands, NearDuplicates
 
-    near = NearDuplicates(0.8, 128)
+    bands = MinHashBands(0.8, 128)
+    near = NearDuplicates(bands.bands)
     rng = np.random.default_rng(0)
     lsh = None
     if datasketch_lsh:
@@ -97,8 +98,7 @@ def index_memory(n: int, datasketch_lsh: bool) -> None:
     for i in range(n):
         sig = rng.integers(0, 2**32 - 1, 128, dtype=np.uint32)
         if lsh is None:
-            for key, band in zip(near._band_keys(sig), near.index):
-                band.add(key)
+            near.check_and_add(bands.band_keys(sig))
         else:
             lsh.insert(i, MinHash(hashvalues=sig, scheme="affine32"))
     gc.collect()

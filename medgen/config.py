@@ -5,6 +5,7 @@ Every field has a default and a one-line help. Loading reports every problem at 
 from __future__ import annotations
 
 import dataclasses
+import glob
 import hashlib
 import json
 import math
@@ -43,7 +44,10 @@ class RunConfig:
 
 @dataclass
 class DataConfig:
-    source: str = opt(DEMO_ARTICLES, "Raw articles CSV, any fsspec URL (local path, file://, s3://).")
+    source: str | list[str] = opt(
+        DEMO_ARTICLES, "Raw articles CSV, any fsspec URL (local path, file://, s3://); or a glob (files in name order) "
+        "or a list of URLs/globs, read in that order as one corpus."
+    )
     shards: str = opt("", "Shard dataset URL (manifest.json + Parquet); empty means <run.dir>/data.")
     num_shards: int = opt(2, "Parquet shards per split; use a multiple of the number of training ranks.")
     title_column: str = opt("title", "CSV column with the article title ('' if there is none).")
@@ -53,6 +57,10 @@ class DataConfig:
     authors_column: str = opt("authors", "CSV column with a Python-list string of authors ('' if none).")
     timestamp_column: str = opt("timestamp", "CSV column with an ISO-8601 timestamp ('' if none).")
     chunk_rows: int = opt(500, "Rows read per CSV chunk; memory stays flat whatever the file size.")
+    workers: int = opt(
+        0, "Processes for the per-article work (cleaning, language ID, MinHash, tokenizing); 0 = every CPU this "
+        "process may use (in a SLURM job: the profile's cpus_per_task). The output is the same for any number."
+    )
     clean_rules: list[str] = opt(
         ["html", "image_credits", "urls", "emails", "mentions", "emoji", "special_chars", "whitespace"],
         "Cleaning rules, applied in this order (see docs/data.md for what each removes).",
@@ -348,8 +356,13 @@ def _coerce(value: Any, hint: Any) -> tuple[Any, Optional[str]]:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None, None
-        inner = [a for a in args if a is not type(None)][0]
-        return _coerce(value, inner)
+        errors = []
+        for inner in (a for a in args if a is not type(None)):
+            coerced, err = _coerce(value, inner)
+            if err is None:
+                return coerced, None
+            errors.append(err)
+        return None, " or ".join(errors[:1] + [e.removeprefix("must be ") for e in errors[1:]])
     if origin is list:
         if not isinstance(value, list):
             return None, "must be a list"
@@ -389,12 +402,29 @@ def _local_path(url: str) -> str:
     return url[len("file://"):] if url.startswith("file://") else url
 
 
+def _check_sources(source: str | list[str]) -> list[str]:
+    """Local files and globs are checked now; object-store URLs when prepare opens them."""
+    urls = [source] if isinstance(source, str) else source
+    if not urls:
+        return ["data.source: an empty list; name at least one CSV file"]
+    p = []
+    for url in urls:
+        if not _is_local(url):
+            continue
+        path = _local_path(url)
+        if any(ch in path for ch in "*?["):
+            if not any(os.path.isfile(f) for f in glob.glob(path)):
+                p.append(f"data.source: no file matches {url}")
+        elif not os.path.isfile(path):
+            p.append(f"data.source: file not found: {url}")
+    return p
+
+
 def _check(cfg: Config) -> list[str]:
     """Semantic checks that need more than one field or the file system."""
     p: list[str] = []
     d, t, e, g = cfg.data, cfg.train, cfg.eval, cfg.generate
-    if _is_local(d.source) and not os.path.isfile(_local_path(d.source)):
-        p.append(f"data.source: file not found: {d.source}")
+    p += _check_sources(d.source)
     if not d.text_column:
         p.append("data.text_column: must name the CSV column holding the article text")
     for name, frac in (("data.val_fraction", d.val_fraction), ("data.test_fraction", d.test_fraction)):
@@ -420,7 +450,7 @@ def _check(cfg: Config) -> list[str]:
         "lora.r": cfg.lora.r, "train.keep_checkpoints": t.keep_checkpoints,
     }
     p += [f"{k}: must be > 0 (got {v})" for k, v in positive.items() if v <= 0]
-    non_negative = {"data.retry_seconds": d.retry_seconds, "lora.top_layers": cfg.lora.top_layers, "train.save_steps": t.save_steps,
+    non_negative = {"data.retry_seconds": d.retry_seconds, "data.workers": d.workers, "lora.top_layers": cfg.lora.top_layers, "train.save_steps": t.save_steps,
                     "train.data_streams": t.data_streams, "train.loraplus_lr_ratio": t.loraplus_lr_ratio, "eval.max_articles": e.max_articles,
                     "eval.top_tags": e.top_tags, "eval.threads": e.threads,
                     "generate.batch_size": g.batch_size}
@@ -536,7 +566,9 @@ def iter_fields(cls: type = Config, prefix: str = ""):
 def _type_name(hint: Any) -> str:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is Literal:
-        return " | ".join(map(str, args))
+        return " \\| ".join(map(str, args))  # escaped: a bare | would end the Markdown table cell
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args if a is not type(None))
     if origin is list:
         return f"list[{_type_name(args[0])}]"
     if origin is dict:

@@ -5,32 +5,22 @@ import hashlib
 import logging
 import time
 from collections import Counter
-from typing import Any
+from typing import Any, Iterator
 
-import numpy as np
 from tqdm.auto import tqdm
 
 from medgen import models
 from medgen.config import Config, DataConfig
-from medgen.data import clean, filters, read, shards, split
+from medgen.data import articles, clean, filters, read, shards, workers
 from medgen.data.storage import redact
 from medgen.errors import UserError
 
 log = logging.getLogger(__name__)
 
 
-def document(title: str, body: str) -> str:
-    """The text a model trains on and is scored on: title, blank line, body."""
-    return f"{title}\n\n{body}" if title else body
-
-
-# articles per tokenizer call: the fast tokenizer's per-token encodings (~100 B a token) of a whole
-# chunk would cost hundreds of MB; 64 articles keep its batch parallelism
-TOKENIZE_BATCH = 64
-
-# a title, URL, author or tag list or timestamp longer than this is a broken row (a stray quote joined
-# lines), not metadata; real ones are under 1000 characters
-MAX_META_CHARS = 10_000
+# articles per chunk handed to a worker (and per tokenizer call): big enough that handing over costs little,
+# small enough that the fast tokenizer's per-token encodings (~100 B a token) stay a few MB
+CHUNK_ARTICLES = 64
 
 # every reason a row can be dropped, in pipeline order; the printed table lists each, zeros included
 DROP_REASONS = (
@@ -38,6 +28,7 @@ DROP_REASONS = (
     "field_too_long", "missing_text", "too_short", "too_long",
     "duplicate_exact", "wrong_language", "duplicate_near",
 )
+STEPS = ("read", "clean", "dedup", "language", "metadata", "tokenize", "write")  # cpu_seconds in the report
 
 
 def run(cfg: Config) -> dict[str, Any]:
@@ -45,75 +36,100 @@ def run(cfg: Config) -> dict[str, Any]:
     problems = clean.check_rules(d.clean_rules)
     if problems:
         raise UserError(problems[0])
-    rows = RowFilter(d)
     tok = models.load_tokenizer(cfg.model.name_or_path, cfg.model.revision)
+    work = articles.ArticleWork(d, tok)
+    n_workers = workers.resolve(d.workers)
+    log.info("prepare: %d worker process%s (data.workers=%d)", n_workers, "es" * (n_workers > 1), d.workers)
     t0 = time.time()
-    source = read.open_source(d.source, d.storage_options, d.retry_seconds)
+    urls = read.source_urls(d.source, d.storage_options, d.retry_seconds)
     writer = shards.ShardWriter(cfg.shards_url, d.storage_options, d.num_shards, d.retry_seconds)
+    decide = Decisions(d, work.minhash.bands if work.minhash else 0)
     try:
-        rows_read = _write_articles(source, rows, tok, writer, d)
+        files = _write_articles(urls, work, n_workers, decide, writer, d)
+        t = time.process_time()
         split_stats = writer.finish()
-        report = _report(d, source, rows, rows_read, split_stats, time.time() - t0)
-        writer.publish(_manifest(cfg, source, tok, split_stats), report)
+        decide.seconds["write"] += time.process_time() - t
+        report = _report(d, files, decide, split_stats, time.time() - t0, n_workers)
+        writer.publish(_manifest(cfg, files, tok, split_stats), report)
     except BaseException:
         writer.abort()
         raise
-    log.info("prepare: %d rows read, %d kept, %d dropped -> %s", rows_read, report["rows_kept"],
-             report["rows_dropped"], redact(cfg.shards_url))
+    log.info("prepare: %d rows read, %d kept, %d dropped in %.1f s -> %s", decide.rows_read, report["rows_kept"],
+             report["rows_dropped"], report["timing"]["seconds"], redact(cfg.shards_url))
     return report
 
 
-def _write_articles(source: read.HashingReader, rows: "RowFilter", tok, writer: shards.ShardWriter, d: DataConfig) -> int:
-    """Read, filter, tokenize and write every article; returns the number of data rows read."""
-    rows_read = 0
+def _write_articles(urls: list[str], work: articles.ArticleWork, n_workers: int, decide: "Decisions",
+                    writer: shards.ShardWriter, d: DataConfig) -> list[dict]:
+    """Read every source file in order, do the per-article work on ``n_workers`` processes and decide and write
+    in input order (the same output for any number); returns each file's URL, sha256 and size."""
+    files: list[dict] = []
     bar = tqdm(desc="prepare", unit=" rows", disable=None)
-    for batch in read.iter_batches(source, read.Columns.from_config(d), d.chunk_rows, d.source):
-        rows_read += batch.rows
-        rows.dropped.update(batch.malformed)
-        kept = [k for k in map(rows.keep, batch.records) if k is not None]
-        for start in range(0, len(kept), TOKENIZE_BATCH):
-            _tokenize_and_write(kept[start:start + TOKENIZE_BATCH], tok, writer)
-        bar.update(batch.rows)
+    for chunk in workers.imap_ordered(work, _chunks(urls, d, decide, files), n_workers):
+        t = time.process_time()
+        for article in decide.add(chunk):
+            writer.add(article.pop("split"), article.pop("shard"), article)
+        decide.seconds["write"] += time.process_time() - t
+        bar.update(len(chunk.outcomes))
     bar.close()
-    return rows_read
+    return files
 
 
-def _tokenize_and_write(articles: list[dict], tok, writer: shards.ShardWriter) -> None:
-    docs = [a.pop("document") for a in articles]
-    ids = tok(docs, add_special_tokens=False, return_attention_mask=False)["input_ids"]
-    for doc, meta, toks in zip(docs, articles, ids):
-        # int32 array: 4 bytes a token, where a list of Python ints costs ~36 while it waits in a shard buffer
-        meta.update(input_ids=np.asarray(toks, dtype=np.int32), n_tokens=len(toks), n_bytes=len(doc.encode("utf-8")))
-        writer.add(meta.pop("split"), meta.pop("shard"), meta)
+def _chunks(urls: list[str], d: DataConfig, decide: "Decisions", files: list[dict]) -> Iterator[list[dict]]:
+    """The records of every file, ``CHUNK_ARTICLES`` at a time; malformed rows are counted here."""
+    cols = read.Columns.from_config(d)
+    for url in urls:
+        source = read.open_source(url, d.storage_options, d.retry_seconds)
+        batches = read.iter_batches(source, cols, d.chunk_rows, url)
+        while True:
+            t = time.process_time()
+            batch = next(batches, None)
+            decide.seconds["read"] += time.process_time() - t
+            if batch is None:
+                break
+            decide.rows_read += batch.rows
+            decide.dropped.update(batch.malformed)
+            for start in range(0, len(batch.records), CHUNK_ARTICLES):
+                yield batch.records[start:start + CHUNK_ARTICLES]
+        files.append({"url": redact(url), "sha256": source.sha256.hexdigest(), "bytes": source.bytes})
 
 
-def _report(d: DataConfig, source: read.HashingReader, rows: "RowFilter", rows_read: int,
-            split_stats: dict[str, Any], seconds: float) -> dict[str, Any]:
+def _report(d: DataConfig, files: list[dict], decide: "Decisions", split_stats: dict[str, Any], seconds: float,
+            n_workers: int) -> dict[str, Any]:
+    steps = decide.seconds
     report = {
-        "source": redact(d.source),
-        "source_sha256": source.sha256.hexdigest(),
-        "source_bytes": source.bytes,
-        "rows_read": rows_read,
+        "source": _redacted(d.source),
+        **({"source_sha256": files[0]["sha256"]} if len(files) == 1 else {"source_files": files}),
+        "source_bytes": sum(f["bytes"] for f in files),
+        "rows_read": decide.rows_read,
         "rows_kept": sum(s["articles"] for s in split_stats.values()),
-        "rows_dropped": sum(rows.dropped.values()),
-        "dropped": {k: rows.dropped[k] for k in DROP_REASONS if rows.dropped[k]},  # the table shows the zeros
-        "cleaned": {k: rows.cleaned.get(k, 0) for k in d.clean_rules},
-        "cleaned_chars": {k: rows.cleaned_chars.get(k, 0) for k in d.clean_rules},
-        "languages_dropped": dict(rows.languages_dropped.most_common()),
-        "warnings": dict(sorted(rows.warnings.items())),
+        "rows_dropped": sum(decide.dropped.values()),
+        "dropped": {k: decide.dropped[k] for k in DROP_REASONS if decide.dropped[k]},  # the table shows the zeros
+        "cleaned": {k: decide.cleaned.get(k, 0) for k in d.clean_rules},
+        "cleaned_chars": {k: decide.cleaned_chars.get(k, 0) for k in d.clean_rules},
+        "languages_dropped": dict(sorted(decide.languages_dropped.items(), key=lambda kv: (-kv[1], kv[0]))),
+        "warnings": dict(sorted(decide.warnings.items())),
         "splits": {k: {"articles": v["articles"], "tokens": v["tokens"]} for k, v in split_stats.items()},
-        "seconds": round(seconds, 2),
+        # the only part that depends on the machine and data.workers
+        "timing": {"seconds": round(seconds, 2), "workers": n_workers,
+                   "cpu_seconds": {k: round(steps[k], 2) for k in STEPS}},
     }
-    if report["rows_kept"] + report["rows_dropped"] != rows_read:
+    if report["rows_kept"] + report["rows_dropped"] != decide.rows_read:
         raise RuntimeError(f"prepare lost track of rows: {report}")
     return report
 
 
-def _manifest(cfg: Config, source: read.HashingReader, tok, split_stats: dict[str, Any]) -> dict[str, Any]:
+def _redacted(source: str | list[str]) -> str | list[str]:
+    return redact(source) if isinstance(source, str) else [redact(u) for u in source]
+
+
+def _manifest(cfg: Config, files: list[dict], tok, split_stats: dict[str, Any]) -> dict[str, Any]:
+    source: dict[str, Any] = {"url": _redacted(cfg.data.source), "bytes": sum(f["bytes"] for f in files)}
+    source.update({"sha256": files[0]["sha256"]} if len(files) == 1 else {"files": files})
     return {
         "format": "medgen-shards/1",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "source": {"url": redact(cfg.data.source), "sha256": source.sha256.hexdigest(), "bytes": source.bytes},
+        "source": source,
         "config_hash": _data_config_hash(cfg),
         "tokenizer": {
             "name": cfg.model.name_or_path,
@@ -125,86 +141,58 @@ def _manifest(cfg: Config, source: read.HashingReader, tok, split_stats: dict[st
     }
 
 
-class RowFilter:
-    """Cleans and classifies CSV records one by one, counting every drop, change and repair."""
+class Decisions:
+    """What depends on input order, in one process: exact and near-duplicate "first copy wins", and every count."""
 
-    def __init__(self, d: DataConfig):
-        self.d = d
-        self.cols = read.Columns.from_config(d)
-        self.meta = [c for c in vars(self.cols).values() if c != self.cols.text]
+    def __init__(self, d: DataConfig, bands: int):
+        self.rows_read = 0
         self.dropped: Counter[str] = Counter()
-        self.cleaned: dict[str, int] = {}
-        self.cleaned_chars: dict[str, int] = {}
         self.warnings: Counter[str] = Counter()
         self.languages_dropped: Counter[str] = Counter()
+        self.cleaned: Counter[str] = Counter()
+        self.cleaned_chars: Counter[str] = Counter()
+        self.seconds: Counter[str] = Counter()  # CPU seconds per step, summed over the processes
         self.exact = filters.ExactDuplicates()
-        self.language = filters.LanguageFilter(d.languages) if d.languages else None
-        self.near = filters.NearDuplicates(d.near_dup_threshold, d.near_dup_num_perm) if d.near_dup_threshold else None
+        self.near = filters.NearDuplicates(bands) if bands else None
 
-    def keep(self, rec: dict[str, str]) -> dict | None:
-        """The article (with its split and shard) or None, its drop reason counted."""
-        body = rec[self.cols.text]
-        if any(c and len(rec[c]) > MAX_META_CHARS for c in self.meta):
-            reason = "field_too_long"
-        elif not body.strip():
-            reason = "missing_text"
-        else:
-            if any("\ufffd" in v for v in rec.values()):
-                self.warnings["invalid_utf8_replaced"] += 1
-            body = clean.clean_text(body, self.d.clean_rules, self.cleaned, self.cleaned_chars)
-            reason = self._drop_reason(body)
-        if reason:
-            self.dropped[reason] += 1
-            return None
-        return self._article(rec, body)
+    def add(self, chunk: articles.Chunk) -> list[dict]:
+        """The chunk's articles to keep, in order; every other record's reason is counted."""
+        self.cleaned.update(chunk.cleaned)
+        self.cleaned_chars.update(chunk.cleaned_chars)
+        self.seconds.update(chunk.seconds)
+        kept = []
+        for o in chunk.outcomes:
+            reason = self._drop_reason(o)
+            if reason:
+                self.dropped[reason] += 1
+            else:
+                self.warnings.update(o.warnings)
+                kept.append(o.article)
+        return kept
 
-    def _drop_reason(self, body: str) -> str | None:
-        """Cheap checks first; the duplicate indexes only remember articles that passed the checks before."""
-        if len(body) < self.d.min_chars:
-            return "too_short"
-        if len(body) > self.d.max_chars:
-            return "too_long"
-        if self.exact.check_and_add(body):
+    def _drop_reason(self, o: articles.Outcome) -> str | None:
+        """In the order of the checks; the exact index remembers every article that passed the length checks, the
+        near index every one that also passed the language check."""
+        if o.utf8_replaced:
+            self.warnings["invalid_utf8_replaced"] += 1
+        if o.drop:
+            return o.drop
+        if self.exact.check_and_add(o.exact_key):
             return "duplicate_exact"
-        if self.language:
-            lang = self.language.detect(body)
-            if lang not in self.language.languages:
-                self.languages_dropped[lang] += 1
-                return "wrong_language"
-        if self.near and self.near.check_and_add(body):
+        if o.article is None:
+            self.languages_dropped[o.language] += 1
+            return "wrong_language"
+        if self.near and self.near.check_and_add(o.band_keys):
             return "duplicate_near"
         return None
-
-    def _article(self, rec: dict[str, str], body: str) -> dict:
-        d, cols = self.d, self.cols
-        title = clean.clean_text(rec[cols.title], d.clean_rules) if cols.title else ""
-        url = rec[cols.url] if cols.url else ""
-        aid = split.article_id(url, title, body)
-        return {
-            "id": aid, "title": title, "text": body, "url": redact(url),
-            "tags": self._field(rec, cols.tags, "tags", read.parse_list, []),
-            "authors": self._field(rec, cols.authors, "authors", read.parse_list, []),
-            "timestamp": self._field(rec, cols.timestamp, "timestamp", read.parse_timestamp, ""),
-            "document": document(title, body),
-            "split": split.assign_split(aid, d.val_fraction, d.test_fraction),
-            "shard": split.assign_shard(aid, d.num_shards),
-        }
-
-    def _field(self, rec: dict[str, str], column: str, name: str, parse, empty):
-        """A parsed metadata field; unparsable ones are cleared and counted, the article is kept."""
-        if not column:
-            return empty
-        value = parse(rec[column])
-        if value is None:
-            self.warnings[f"{name}_unparsable_cleared"] += 1
-            return empty
-        return value
 
 
 def _data_config_hash(cfg: Config) -> str:
     import json
 
-    d = {k: v for k, v in cfg.to_dict()["data"].items() if k not in ("storage_options", "shards", "retry_seconds")}
+    # what cannot change the output stays out: where it goes, how it is read and on how many workers
+    ignored = ("storage_options", "shards", "retry_seconds", "workers")
+    d = {k: v for k, v in cfg.to_dict()["data"].items() if k not in ignored}
     d["tokenizer"] = cfg.model.name_or_path
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -309,7 +309,8 @@ def _section_provenance(metrics: dict | None, prep: dict | None) -> list[str]:
                  ["adapter fingerprint", metrics.get("adapter_fingerprint", "")],
                  ["eval processes", metrics.get("world_size", "")]]
     if prep:
-        rows.append(["source sha256", prep.get("source_sha256", "")])
+        for f in prep.get("source_files", []) or [{"url": prep.get("source", ""), "sha256": prep.get("source_sha256", "")}]:
+            rows.append([f"source sha256 ({f['url']})" if "source_files" in prep else "source sha256", f["sha256"]])
     return ["## Provenance", ""] + _md_table(["item", "value"], rows)
 
 

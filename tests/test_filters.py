@@ -1,8 +1,11 @@
 """Language ID and duplicate detection, unit level (prepare-level checks are in test_prepare_data.py)."""
 import pytest
 
+import numpy as np
+
 from medgen.data import filters
-from medgen.data.filters import ExactDuplicates, LanguageFilter, NearDuplicates
+from medgen.data.clean import normalise_for_dedup
+from medgen.data.filters import ExactDuplicates, LanguageFilter, MinHashBands, NearDuplicates
 from medgen.errors import UserError
 from tests.articles import FRENCH, GERMAN, SPANISH, english
 
@@ -32,11 +35,15 @@ def test_unknown_language_code_is_a_user_error():
         LanguageFilter(["en", "english"])
 
 
+def _exact(d: ExactDuplicates, text: str) -> bool:
+    return d.check_and_add(filters.exact_key(normalise_for_dedup(text)))
+
+
 def test_exact_duplicates_ignore_case_punctuation_and_spacing():
     d = ExactDuplicates()
-    assert not d.check_and_add("Hello, World!\n\nBye.")
-    assert d.check_and_add("hello world  bye")
-    assert not d.check_and_add("hello world, bye bye")
+    assert not _exact(d, "Hello, World!\n\nBye.")
+    assert _exact(d, "hello world  bye")
+    assert not _exact(d, "hello world, bye bye")
 
 
 def _edit(text: str, every: int) -> str:
@@ -44,8 +51,19 @@ def _edit(text: str, every: int) -> str:
     return " ".join("changed" if i % every == 0 else w for i, w in enumerate(words))
 
 
+class _Near:
+    """Text in, verdict out: the worker half (MinHashBands) and the index half (NearDuplicates) together."""
+
+    def __init__(self, threshold: float, num_perm: int):
+        self.bands = MinHashBands(threshold, num_perm)
+        self.index = NearDuplicates(self.bands.bands)
+
+    def check_and_add(self, text: str) -> bool:
+        return self.index.check_and_add(self.bands.keys(normalise_for_dedup(text)))
+
+
 def test_near_duplicates_keep_the_first_of_a_cluster():
-    near = NearDuplicates(threshold=0.8, num_perm=128)
+    near = _Near(threshold=0.8, num_perm=128)
     originals = [english(i, words=400) for i in range(30)]
     assert not any(near.check_and_add(t) for t in originals)
     # one word in 200 changed: Jaccard ~0.95, which LSH (9 bands x 13 rows) flags with p ~0.998
@@ -55,6 +73,23 @@ def test_near_duplicates_keep_the_first_of_a_cluster():
 
 
 def test_near_duplicate_detection_is_deterministic():
-    a, b = NearDuplicates(0.8, 64), NearDuplicates(0.8, 64)
-    text = english(7, words=300)
+    a, b = MinHashBands(0.8, 64), MinHashBands(0.8, 64)
+    text = normalise_for_dedup(english(7, words=300))
     assert (a.signature(text) == b.signature(text)).all()
+
+
+@pytest.mark.parametrize("num_perm", [16, 128, 256])
+def test_vectorised_minhash_is_datasketchs(num_perm):
+    """The numpy signature is datasketch's MinHash(num_perm, hashfunc=int) of the same shingles, bit for bit."""
+    from datasketch import MinHash
+
+    bands = MinHashBands(0.8, num_perm)
+    texts = [english(i, words=n) for i, n in ((1, 400), (2, 7), (3, 1))] + [""]
+    for text in map(normalise_for_dedup, texts):
+        theirs = MinHash(num_perm=num_perm, hashfunc=int)
+        theirs.update_batch(bands.shingles(text).tolist())
+        assert np.array_equal(bands.signature(text), theirs.hashvalues), text[:40]
+    edge = np.array([0, 1, 2**31, 2**32 - 1], np.uint32)  # the wrap-around of the uint32 products
+    theirs = MinHash(num_perm=num_perm, hashfunc=int)
+    theirs.update_batch(edge.tolist())
+    assert np.array_equal(bands.minhash(edge), theirs.hashvalues)

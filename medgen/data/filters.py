@@ -13,7 +13,6 @@ import zlib
 
 import numpy as np
 
-from medgen.data.clean import normalise_for_dedup
 from medgen.errors import UserError
 
 SHINGLE_WORDS = 5
@@ -62,55 +61,97 @@ class LanguageFilter:
         return code if confidence >= LANGUAGE_MIN_CONFIDENCE else "und"
 
 
+def exact_key(normal: str) -> bytes:
+    """16-byte digest of an article's dedup normal form (``clean.normalise_for_dedup``)."""
+    return hashlib.blake2b(normal.encode(), digest_size=16).digest()
+
+
 class ExactDuplicates:
-    """Remembers a 16-byte digest of the dedup normal form of every article it is shown."""
+    """Remembers the exact key of every article it is shown."""
 
     def __init__(self):
         self.seen: set[bytes] = set()
 
-    def check_and_add(self, text: str) -> bool:
-        """True when an article with the same normal form was added before; else remember this one."""
-        key = hashlib.blake2b(normalise_for_dedup(text).encode(), digest_size=16).digest()
+    def check_and_add(self, key: bytes) -> bool:
+        """True when an article with the same key was added before; else remember this one."""
         if key in self.seen:
             return True
         self.seen.add(key)
         return False
 
 
-class NearDuplicates:
-    """MinHash LSH over word 5-grams; ``check_and_add`` keeps the first article of a cluster."""
+# MurmurHash3's 32-bit finaliser, the pre-mix of datasketch's "affine32" MinHash scheme
+_FMIX32 = (np.uint32(16), np.uint32(0x85EBCA6B), np.uint32(13), np.uint32(0xC2B2AE35), np.uint32(16))
+
+
+def _fmix32(h: np.ndarray) -> np.ndarray:
+    s1, m1, s2, m2, s3 = _FMIX32
+    h = h ^ (h >> s1)
+    h = h * m1
+    h = h ^ (h >> s2)
+    h = h * m2
+    return h ^ (h >> s3)
+
+
+class MinHashBands:
+    """Text -> LSH band keys: MinHash over word 5-gram shingles, banded with datasketch's (bands, rows).
+
+    Pure per-article work (it runs in prepare's worker processes). The signature is datasketch's
+    ``MinHash(num_perm, hashfunc=int)`` of the shingle hashes, computed as one numpy expression over all
+    shingles x permutations (datasketch loops over the shingles in Python); tests/test_filters.py checks it
+    equals datasketch's own."""
 
     def __init__(self, threshold: float, num_perm: int):
         from datasketch import MinHash, MinHashLSH
 
         lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)  # only for its optimal (bands, rows)
         self.bands, self.rows = lsh.b, lsh.r
-        self.template = MinHash(num_perm=num_perm, hashfunc=int)  # shingles arrive already hashed
-        self.index: list[set[int]] = [set() for _ in range(self.bands)]
+        template = MinHash(num_perm=num_perm, hashfunc=int)
+        if template.scheme != "affine32":
+            raise RuntimeError(f"datasketch's MinHash scheme is {template.scheme!r}; medgen computes 'affine32'")
+        a, b = template.permutations
+        self.a, self.b = a.astype(np.uint32), b.astype(np.uint32)
+        self.empty = template.hashvalues.astype(np.uint32)
 
-    def signature(self, text: str) -> np.ndarray:
-        words = normalise_for_dedup(text).split() or [""]
-        hashes = np.fromiter((zlib.crc32(w.encode()) for w in words), np.uint64, len(words))
+    def shingles(self, normal: str) -> np.ndarray:
+        """Distinct 32-bit hashes of the word 5-grams of a dedup normal form (one 'word' when it is empty)."""
+        words = normal.encode().split(b" ") if normal else [b""]
+        hashes = np.fromiter(map(zlib.crc32, words), np.uint64, len(words))
         n = min(SHINGLE_WORDS, len(hashes))
         count = len(hashes) - n + 1
         shingles = np.zeros(count, np.uint64)
         for k in range(n):
             shingles = shingles * _MIX + hashes[k:k + count]
-        shingles = np.unique((shingles ^ (shingles >> np.uint64(32))) & np.uint64(0xFFFFFFFF))
-        minhash = self.template.copy()
-        minhash.update_batch(shingles.tolist())
-        return minhash.hashvalues
+        return np.unique((shingles ^ (shingles >> np.uint64(32))) & np.uint64(0xFFFFFFFF)).astype(np.uint32)
 
-    def _band_keys(self, signature: np.ndarray) -> list[int]:
+    def signature(self, normal: str) -> np.ndarray:
+        return self.minhash(self.shingles(normal))
+
+    def minhash(self, shingles: np.ndarray) -> np.ndarray:
+        """The MinHash of uint32 shingle hashes: per permutation, the least (fmix32(h) * a + b) mod 2**32."""
+        hv = _fmix32(shingles)[:, None]
+        return np.minimum(self.empty, (hv * self.a + self.b).min(axis=0))
+
+    def keys(self, normal: str) -> list[int]:
+        return self.band_keys(self.signature(normal))
+
+    def band_keys(self, signature: np.ndarray) -> list[int]:
+        """One 64-bit key per band of the signature."""
         r = self.rows
         return [
             int.from_bytes(hashlib.blake2b(signature[i * r:(i + 1) * r].tobytes(), digest_size=8).digest(), "little")
             for i in range(self.bands)
         ]
 
-    def check_and_add(self, text: str) -> bool:
-        """True when ``text`` shares an LSH band with an article added before; else add it."""
-        keys = self._band_keys(self.signature(text))
+
+class NearDuplicates:
+    """The LSH index: ``check_and_add`` keeps the first article of a cluster (order-dependent: runs in one process)."""
+
+    def __init__(self, bands: int):
+        self.index: list[set[int]] = [set() for _ in range(bands)]
+
+    def check_and_add(self, keys: list[int]) -> bool:
+        """True when ``keys`` share a band with an article added before; else add them."""
         if any(key in band for key, band in zip(keys, self.index)):
             return True
         for key, band in zip(keys, self.index):

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import ast
 import csv
+import glob
 import hashlib
 import io
+import os
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -76,6 +78,33 @@ def open_source(url: str, storage_options: dict, retry_seconds: float = RETRY_SE
 
     with storage_errors("data.source", url):
         return HashingReader(retrying(reopen, "data.source", url, retry_seconds), reopen, url, retry_seconds)
+
+
+def is_glob(url: str) -> bool:
+    return any(ch in url for ch in "*?[")
+
+
+def source_urls(source: str | list[str], storage_options: dict, retry_seconds: float = RETRY_SECONDS) -> list[str]:
+    """data.source as the files to read, in order: a list in its order, each glob's matches sorted by name."""
+    urls: list[str] = []
+    for entry in [source] if isinstance(source, str) else source:
+        urls += _expand(entry, storage_options, retry_seconds) if is_glob(entry) else [entry]
+    if not urls:
+        raise UserError("data.source: an empty list; name at least one CSV file")
+    return urls
+
+
+def _expand(pattern: str, storage_options: dict, retry_seconds: float) -> list[str]:
+    if "://" not in pattern:  # a local pattern gives paths as written (relative stays relative)
+        found = sorted(p for p in glob.glob(pattern) if os.path.isfile(p))
+    else:
+        with storage_errors("data.source", pattern):
+            fs, path = fsspec.core.url_to_fs(pattern, **fs_options(pattern, storage_options))
+            found = [fs.unstrip_protocol(p) for p in sorted(retrying(lambda: fs.glob(path), "data.source", pattern,
+                                                                         retry_seconds))]
+    if not found:
+        raise UserError(f"data.source {redact(pattern)}: no file matches this pattern")
+    return found
 
 
 MAX_FIELD_CHARS = 64 << 20  # a longer field is an unmatched quote swallowing the file, not an article
