@@ -377,6 +377,22 @@ def test_slurm_conf_chooses_the_cluster_for_sbatch_sacct_and_the_jobs(slurm_clus
     assert "mg2n1" in netns and local_cluster(2) == confs["two"]  # the two-node cluster still answers
 
 
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_the_prepare_job_uses_the_cpus_its_profile_gives_it(slurm_cluster, tmp_path):
+    cpus = {"one": 1, "two": 2}  # the test cluster's nodes have 2 cores each
+    for name, n in cpus.items():
+        (tmp_path / name).mkdir()
+        medgen("run", "--executor", "slurm", *COMMON, f"run.dir={tmp_path / name}", "slurm.stages=[prepare]",
+               f"slurm.profile={_profile(tmp_path / name, cpus_per_task=n, nodes=1)}")
+    for name, n in cpus.items():
+        assert _wait(tmp_path / name)["prepare"]["State"] == "COMPLETED"
+        log = Path(_jobs(tmp_path / name)["stages"]["prepare"]["logs"][0]).read_text()
+        assert re.findall(r"prepare: (\d+) worker process", log) == [str(n)], log[-3000:]
+        report = json.loads((tmp_path / name / "data" / "prepare_report.json").read_text())
+        assert report["timing"]["workers"] == n
+
+
 # --------------------------------------------------------------------------- no cluster needed
 
 
