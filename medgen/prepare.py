@@ -40,7 +40,7 @@ def run(cfg: Config) -> dict[str, Any]:
     work = articles.ArticleWork(d, tok)
     n_workers = workers.resolve(d.workers)
     log.info("prepare: %d worker process%s (data.workers=%d)", n_workers, "es" * (n_workers > 1), d.workers)
-    t0 = time.time()
+    t0, cpu0 = time.time(), time.process_time()
     urls = read.source_urls(d.source, d.storage_options, d.retry_seconds)
     writer = shards.ShardWriter(cfg.shards_url, d.storage_options, d.num_shards, d.retry_seconds)
     decide = Decisions(d, work.minhash.bands if work.minhash else 0)
@@ -49,6 +49,7 @@ def run(cfg: Config) -> dict[str, Any]:
         t = time.process_time()
         split_stats = writer.finish()
         decide.seconds["write"] += time.process_time() - t
+        decide.seconds["parent"] = time.process_time() - cpu0
         report = _report(d, files, decide, split_stats, time.time() - t0, n_workers)
         writer.publish(_manifest(cfg, files, tok, split_stats), report)
     except BaseException:
@@ -112,7 +113,8 @@ def _report(d: DataConfig, files: list[dict], decide: "Decisions", split_stats: 
         "splits": {k: {"articles": v["articles"], "tokens": v["tokens"]} for k, v in split_stats.items()},
         # the only part that depends on the machine and data.workers
         "timing": {"seconds": round(seconds, 2), "workers": n_workers,
-                   "cpu_seconds": {k: round(steps[k], 2) for k in STEPS}},
+                   "cpu_seconds": {k: round(steps[k], 2) for k in STEPS},
+                   "parent_cpu_seconds": round(steps["parent"], 2)},  # all of it when workers=1
     }
     if report["rows_kept"] + report["rows_dropped"] != decide.rows_read:
         raise RuntimeError(f"prepare lost track of rows: {report}")

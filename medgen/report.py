@@ -308,9 +308,10 @@ def _section_provenance(metrics: dict | None, prep: dict | None) -> list[str]:
         rows += [["model fingerprint", metrics.get("model_fingerprint", "")],
                  ["adapter fingerprint", metrics.get("adapter_fingerprint", "")],
                  ["eval processes", metrics.get("world_size", "")]]
-    if prep:
-        for f in prep.get("source_files", []) or [{"url": prep.get("source", ""), "sha256": prep.get("source_sha256", "")}]:
-            rows.append([f"source sha256 ({f['url']})" if "source_files" in prep else "source sha256", f["sha256"]])
+    if prep and "source_files" in prep:  # several source files: one hash each
+        rows += [[f"source sha256: {f['url']}", f["sha256"]] for f in prep["source_files"]]
+    elif prep:
+        rows.append(["source sha256", prep.get("source_sha256", "")])
     return ["## Provenance", ""] + _md_table(["item", "value"], rows)
 
 
