@@ -187,11 +187,12 @@ def _expand(jid: str) -> list[tuple[str, int]]:
 def _element_states(info: dict[str, Any]) -> dict[str, Any]:
     """job id or (array id, index) -> (state, exit code, elapsed)."""
     raw = slurm.job_states([s["job_id"] for s in info["stages"].values()], info["submitted"])
-    out: dict[Any, Any] = {}
-    for jid, rec in raw.items():
-        out[jid] = rec
+    out: dict[Any, Any] = dict(raw)
+    # the array's own record (123_[0-3%4]) stands for the elements not split off yet; a split-off element's
+    # record (123_2) is its own, so it wins
+    for jid in sorted(raw, key=lambda j: "[" not in j):  # the arrays' own records first
         for key in _expand(jid):
-            out[key] = rec
+            out[key] = raw[jid]
     return out
 
 
