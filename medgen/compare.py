@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import statistics
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,8 @@ def replicates(rows: list[dict], key: str, counts: np.ndarray) -> np.ndarray:
 
 
 def point_ppl(rows: list[dict], key: str) -> float:
-    return float(np.exp(sum(r[f"{key}_nll"] for r in rows) / sum(r["tokens"] for r in rows)))
+    """exp(sum NLL / sum tokens) over every article once (fsum, as evaluate sums them)."""
+    return math.exp(math.fsum(r[f"{key}_nll"] for r in rows) / sum(r["tokens"] for r in rows))
 
 
 def paired(a: np.ndarray, b: np.ndarray) -> list[float]:
@@ -57,15 +59,22 @@ def _train_time(rows: list[dict]) -> float | None:
     return times[-1] - times[0] if len(times) > 1 else None
 
 
+def _jobs(sweep_dir: Path) -> dict[str, Any]:
+    """The SLURM sweep's jobs.json ({} for a local sweep)."""
+    from medgen.launch import slurm
+
+    path = slurm.jobs_file(sweep_dir)
+    info = json.loads(path.read_text()) if path.exists() else {}
+    return info if info.get("sweep") else {}
+
+
 def _failure(i: int, stage: str, sweep_dir: Path) -> dict[str, str]:
     """Where to look: the SLURM log of the failed element, or the error a local sweep recorded."""
     from medgen.launch import slurm
 
-    jobs = slurm.jobs_file(sweep_dir)
-    if jobs.exists():
-        stages = json.loads(jobs.read_text()).get("stages", {})
-        if stage in stages and "elements" in stages[stage]:
-            return {"log": slurm.failed_log(stages[stage]["logs"][i])}
+    stages = _jobs(sweep_dir).get("stages", {})
+    if "elements" in stages.get(stage, {}):
+        return {"log": slurm.failed_log(stages[stage]["logs"][i])}
     local = sweep_dir / sweep.LOCAL_STATUS
     if local.exists():
         name = sweep.read_manifest(sweep_dir)["points"][i]["name"]
@@ -75,12 +84,9 @@ def _failure(i: int, stage: str, sweep_dir: Path) -> dict[str, str]:
 
 
 def _submitted_stages(sweep_dir: Path) -> list[str]:
-    from medgen.launch import slurm
-
-    jobs = slurm.jobs_file(sweep_dir)
-    if jobs.exists() and json.loads(jobs.read_text()).get("sweep"):
-        return [s for s in json.loads(jobs.read_text())["stages"] if s in sweep.POINT_STAGES]
-    return list(sweep.POINT_STAGES)
+    """The point stages that ran: on SLURM those slurm.stages named, locally all."""
+    stages = _jobs(sweep_dir).get("stages")
+    return [s for s in stages if s in sweep.POINT_STAGES] if stages else list(sweep.POINT_STAGES)
 
 
 def load_point(p: dict, sweep_dir: Path, stages: list[str]) -> dict[str, Any]:
@@ -99,6 +105,8 @@ def load_point(p: dict, sweep_dir: Path, stages: list[str]) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- the comparison
+
+BASE = "\0base"  # the base model's key among the points' (no point name holds a NUL)
 
 
 def compare(cfg: Config) -> dict[str, Any]:
@@ -129,9 +137,6 @@ def compare(cfg: Config) -> dict[str, Any]:
         "bits_per_byte": scored[0]["metrics"]["base"]["bits_per_byte"]})
     out["points"] = [_row(p, boots, ppl, best) for p in pts]
     return out
-
-
-BASE = "\0base"  # a key no point name can be
 
 
 def _row(p: dict, boots: dict, ppl: dict, best: str | None) -> dict[str, Any]:
