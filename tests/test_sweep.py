@@ -4,7 +4,7 @@ all, a point that fails at train time only (validated, but its scheduler rejects
 while the others and the comparison complete, and the comparison's paired intervals recomputed here by hand."""
 import json
 import math
-import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -246,3 +246,38 @@ def test_slurm_sweep_runs_job_arrays_and_reports_the_failed_element(slurm_cluste
     res = json.loads((run / "report" / "compare.json").read_text())
     assert next(r for r in res["points"] if r["status"] == "failed")["log"] == failed_log
     assert failed_log in (run / "report" / "compare.md").read_text()
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_a_preempted_element_alone_is_requeued_and_resumes_exactly(slurm_cluster, tmp_path):
+    from submitit.slurm.slurm import SlurmJob
+
+    from tests.test_train import _max_diff, _samples
+
+    run, steps = tmp_path / "pre", 12
+    # two points that train the same adapter (they differ in generation only): point 1 is point 0 uninterrupted
+    medgen("sweep", *BASE, "--grid", "generate.max_new_tokens=8,12", "--executor", "slurm", f"run.dir={run}",
+           "slurm.nodes=1", f"train.max_steps={steps}", "slurm.stages=[prepare,train]")
+    info = json.loads((run / "slurm" / "jobs.json").read_text())
+    train = info["stages"]["train"]
+    progress, deadline = run / "generate.max_new_tokens=8" / "samples" / "rank-00000.jsonl", time.time() + 600
+    while not (progress.exists() and len(progress.read_text().splitlines()) >= 2):
+        assert time.time() < deadline, "point 0 made no progress"
+        time.sleep(0.2)
+    SlurmJob(folder=info["folder"], job_id=train["elements"][0], tasks=[0])._interrupt()  # as on preemption
+    _wait_all(info)
+
+    out = subprocess.run(["sacct", "-X", "-n", "-P", "--duplicates", "-S", info["submitted"], "-o", "JobID,State",
+                          "-j", train["job_id"]], capture_output=True, text=True, check=True).stdout.split()
+    assert sorted(out) == sorted([f"{train['job_id']}_0|REQUEUED", f"{train['job_id']}_0|COMPLETED",
+                                  f"{train['job_id']}_1|COMPLETED"]), out  # only the preempted element
+    log_text = Path(train["logs"][0][0]).read_text()
+    resumed = re.findall(r"resuming from \S+/step-(\d+)", log_text)
+    assert len(resumed) == 1 and 2 <= int(resumed[0]) < steps and f"Requeued job {train['elements'][0]}" in log_text
+    a, b = (run / f"generate.max_new_tokens={n}" for n in (8, 12))
+    assert "resuming from" not in Path(train["logs"][1][0]).read_text()
+    assert _max_diff(_adapter(a), _adapter(b)) <= 1e-6
+    assert _samples(a, steps) == _samples(b, steps)  # no block trained twice or skipped
+    res = json.loads((run / "report" / "compare.json").read_text())
+    assert [r["status"] for r in res["points"]] == ["completed", "completed"]  # compare ran after the train array
