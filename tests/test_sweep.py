@@ -257,8 +257,11 @@ def test_a_preempted_element_alone_is_requeued_and_resumes_exactly(slurm_cluster
 
     run, steps = tmp_path / "pre", 12
     # two points that train the same adapter (they differ in generation only): point 1 is point 0 uninterrupted
-    medgen("sweep", *BASE, "--grid", "generate.max_new_tokens=8,12", "--executor", "slurm", f"run.dir={run}",
-           "slurm.nodes=1", f"train.max_steps={steps}", "slurm.stages=[prepare,train]")
+    args = ["sweep", *BASE, "--grid", "generate.max_new_tokens=8,12", "--executor", "slurm", f"run.dir={run}",
+            "slurm.nodes=1", f"train.max_steps={steps}", "slurm.stages=[prepare,train]"]
+    medgen(*args)
+    again = medgen(*args, check=False)  # a second sweep on the same directory would train into the same points
+    assert again.returncode == 2 and "already has a SLURM chain queued or running" in again.stderr
     info = json.loads((run / "slurm" / "jobs.json").read_text())
     train = info["stages"]["train"]
     progress, deadline = run / "generate.max_new_tokens=8" / "samples" / "rank-00000.jsonl", time.time() + 600
