@@ -15,10 +15,11 @@ STAGE_HELP = {
     "generate": "batched generation for a prompts file -> JSONL",
     "report": "markdown report with plots from the run directory",
     "run": "all stages in order (--executor slurm: a SLURM job chain)",
+    "sweep": "a grid of runs over one prepared dataset, then a comparison report (--executor slurm: job arrays)",
     "validate": "check a config and print it fully resolved",
     "config": "print the configuration reference (--doc)",
 }
-STATUS_HELP = "state of each stage of a SLURM chain (sacct), the failed stage and its log"
+STATUS_HELP = "state of each stage of a SLURM chain (sacct), or of each point and stage of a sweep, the failed one and its log"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -35,16 +36,20 @@ def _parser() -> argparse.ArgumentParser:
             sp.add_argument("--prompt", metavar="TEXT",
                             help="complete this one prompt and print it (no files written); '-' reads prompts "
                                  "from stdin: a conversation on a terminal, else JSONL records on stdout")
-        if name == "run":
+        if name == "sweep":
+            sp.add_argument("--grid", action="append", default=[], metavar="section.key=V1,V2",
+                            help="values of one key (YAML); repeat for more keys; adds to the config's sweep.grid")
+        if name in ("run", "sweep"):
             sp.add_argument("--executor", choices=["local", "slurm"], default="local",
-                            help="local: this machine, in order; slurm: a job chain (see docs/slurm.md)")
+                            help="local: this machine, in order; slurm: a job chain, job arrays for a sweep "
+                                 "(see docs/slurm.md, docs/sweep.md)")
             sp.add_argument("--dry-run", action="store_true",
                             help="with --executor slurm: print the sbatch scripts, submit nothing")
         if name == "config":
             sp.add_argument("--doc", action="store_true", help="markdown table of every key")
             sp.add_argument("--update", metavar="FILE", help="rewrite the reference between the markers in FILE")
     sp = sub.add_parser("status", help=STATUS_HELP, description=STATUS_HELP + "; exit code 1 if one failed")
-    sp.add_argument("run_dir", metavar="RUN_DIR", help="the run.dir the chain was submitted for")
+    sp.add_argument("run_dir", metavar="RUN_DIR", help="the run.dir the chain or sweep was submitted for")
     sp.add_argument("--quiet", "-q", action="store_true", help=argparse.SUPPRESS)
     sp.add_argument("--debug", action="store_true", help="full tracebacks")
     return p
@@ -104,12 +109,15 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(config.config_doc() if args.doc else config.dump_yaml(config.Config()), end="")
         return 0
     if args.command == "status":
-        from medgen.launch import slurm
+        from medgen import sweep
+        from medgen.launch import slurm, sweep as sweep_launch
 
-        text, code = slurm.status(args.run_dir)
+        text, code = (sweep_launch.status if sweep.is_sweep(args.run_dir) else slurm.status)(args.run_dir)
         print(text)
         return code
     cfg = config.load_config(args.config, args.overrides)
+    if args.command == "sweep":
+        return _sweep(cfg, args)
     if args.command == "validate":
         print(config.dump_yaml(cfg), end="")
         return 0
@@ -156,4 +164,25 @@ def _run_slurm(cfg, dry_run: bool) -> int:
             print(f"# ---- {stage}: sbatch script (runs jobs/{stage}.py) ----\n{script}")
         return 0
     print(slurm.describe(slurm.submit(cfg)))
+    return 0
+
+
+def _sweep(cfg, args) -> int:
+    """--grid adds to (and for the same key replaces) the config's sweep.grid; every point is checked first."""
+    from medgen import sweep
+    from medgen.launch import sweep as launch
+
+    cfg.sweep.grid = {**sweep.flat_grid(cfg.sweep.grid), **sweep.parse_grid(args.grid)}
+    if args.executor == "local":
+        if args.dry_run:
+            raise UserError("--dry-run prints SLURM scripts: use it with --executor slurm")
+        result = launch.run_local(cfg)
+        print(f"comparison: {result['report']}" + (f" (failed points: {', '.join(result['failed'])})"
+                                                   if result["failed"] else ""))
+        return 0
+    if args.dry_run:
+        for stage, script in launch.scripts(cfg):
+            print(f"# ---- {stage}: sbatch script (runs jobs/{stage}.py) ----\n{script}")
+        return 0
+    print(launch.describe(launch.submit(cfg)))
     return 0

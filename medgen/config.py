@@ -217,6 +217,14 @@ class SlurmConfig:
     max_requeues: int = opt(3, "Time limits a stage may hit (each one requeues it) before it fails.")
     folder: str = opt("", "Job scripts, pickles and logs; '' = <run.dir>/slurm (a fresh subfolder per submission).")
     stages: list[str] = opt(list(STAGES), "Stages to submit, in pipeline order; each starts once the previous succeeded.")
+    array_parallelism: int = opt(0, "Sweeps: array elements (grid points) running at once per stage, sbatch --array=...%k "
+                                 "(0 = the profile's).")
+
+
+@dataclass
+class SweepConfig:
+    grid: dict[str, Any] = opt({}, "medgen sweep: dotted key -> list of values; every combination is one run under "
+                               "run.dir (e.g. {lora.r: [8, 16], train.learning_rate: [5e-4, 1e-3]}).")
 
 
 @dataclass
@@ -229,6 +237,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
     @property
     def layout(self) -> RunLayout:
@@ -270,6 +279,13 @@ def load_config(path: Optional[str] = None, overrides: tuple[str, ...] | list[st
                 break
         else:
             node[parts[-1]] = _parse_scalar(value)
+    return from_raw(raw, problems)
+
+
+def from_raw(raw: dict[str, Any], problems: list[str] | None = None) -> Config:
+    """A validated Config from a parsed mapping (as a YAML file holds it), or ConfigError with every problem
+    (``problems``: those found before, reported with these)."""
+    problems = list(problems or [])
     cfg = build_dataclass(Config, raw, "", problems)
     problems += _check(cfg)  # fields that failed to parse kept their (valid) defaults
     if problems:
@@ -539,7 +555,7 @@ def _check_slurm(s: SlurmConfig) -> list[str]:
     """Ranges and stage names; the profile and paths are checked when a chain is built (medgen/launch/slurm.py)."""
     p = [f"slurm.{k}: must be >= 0 (got {v})" for k, v in
          (("nodes", s.nodes), ("timeout_min", s.timeout_min), ("signal_delay_s", s.signal_delay_s),
-          ("max_requeues", s.max_requeues)) if v < 0]
+          ("max_requeues", s.max_requeues), ("array_parallelism", s.array_parallelism)) if v < 0]
     unknown = [x for x in s.stages if x not in STAGES]
     if unknown:
         p.append(f"slurm.stages: unknown stage(s) {', '.join(unknown)} (known: {', '.join(STAGES)})")

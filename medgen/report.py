@@ -28,11 +28,11 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------- inputs
 
 
-def _json(path: Path) -> Any:
+def read_json(path: Path) -> Any:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def _jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path) -> list[dict]:
     if not path.exists():
         return []
     return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
@@ -121,7 +121,7 @@ def _snippets(texts: list[str], words: int) -> list[str]:
 # --------------------------------------------------------------------------- plots
 
 
-def _plt():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -136,7 +136,7 @@ def plot_training(rows: list[dict], out: Path) -> str | None:
     rows = [r for r in rows if "loss" in r]
     if not rows:
         return None
-    plt = _plt()
+    plt = pyplot()
     steps = [r["step"] for r in rows]
     fig, ax = plt.subplots(1, 3, figsize=(12, 3.2))
     ax[0].plot(steps, [r["loss"] for r in rows], marker=".", color="tab:blue")
@@ -157,7 +157,7 @@ def plot_per_tag(metrics: dict, out: Path) -> str | None:
     base = metrics.get("base", {}).get("per_tag") or {}
     if not base:
         return None
-    plt = _plt()
+    plt = pyplot()
     tuned = metrics.get("tuned", {}).get("per_tag") or {}
     tags = list(base)[:10]
     x = range(len(tags))
@@ -179,7 +179,7 @@ def plot_per_tag(metrics: dict, out: Path) -> str | None:
 def plot_article_nll(rows: list[dict], out: Path) -> str | None:
     if not rows:
         return None
-    plt = _plt()
+    plt = pyplot()
     import numpy as np
 
     fig, ax = plt.subplots(figsize=(6.5, 3.4))
@@ -204,7 +204,7 @@ def _fmt(x: float, d: int = 3) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{d}f}"
 
 
-def _md_table(head: list[str], rows: list[list[Any]]) -> list[str]:
+def md_table(head: list[str], rows: list[list[Any]]) -> list[str]:
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     return out + [""]
@@ -220,12 +220,12 @@ def _section_speed(rows: list[dict]) -> list[str]:
     table = [["tokens/s (median over logged steps)", f"{statistics.median(tps):,.0f}" if tps else "n/a"],
              ["MFU (median)", f"{100 * statistics.median(mfu):.1f}%" if mfu else "n/a (device peak not known)"]]
     table += [[f"peak memory, rank {i}", f"{gb:.2f} GB"] for i, gb in enumerate(memory)]
-    return _md_table(["speed", "value"], table)
+    return md_table(["speed", "value"], table)
 
 
 def _section_config(cfg: Config) -> list[str]:
     t, lo = cfg.train, cfg.lora
-    return ["## Run", ""] + _md_table(["setting", "value"], [
+    return ["## Run", ""] + md_table(["setting", "value"], [
         ["model", f"`{cfg.model.name_or_path}`"],
         ["LoRA", f"r={lo.r}, alpha={lo.alpha}, dropout={lo.dropout}, targets={lo.target_modules or 'architecture default'}"],
         ["training", f"{t.max_steps} steps x {t.batch_size} x {t.max_length} tokens (grad accum {t.grad_accum}), "
@@ -248,7 +248,7 @@ def _section_perplexity(metrics: dict) -> list[str]:
             ci = m.get("ci95") or [float("nan")] * 2
             rows.append([k, f"**{_fmt(m['perplexity'])}**", f"{_fmt(ci[0], 2)} - {_fmt(ci[1], 2)}",
                          _fmt(m["bits_per_byte"], 4), m["tokens"]])
-    out += _md_table(["model", "perplexity", "95% CI", "bits/byte", "tokens"], rows)
+    out += md_table(["model", "perplexity", "95% CI", "bits/byte", "tokens"], rows)
     if "delta" in metrics:
         d = metrics["delta"]
         verdict = "better" if d["ci95"][1] < 0 else "worse" if d["ci95"][0] > 0 else "not significantly different"
@@ -259,11 +259,11 @@ def _section_perplexity(metrics: dict) -> list[str]:
 
 def _section_data(prep: dict) -> list[str]:
     out = ["## Data", "", f"{prep['rows_read']} rows read, **{prep['rows_kept']} kept**, {prep['rows_dropped']} dropped.", ""]
-    out += _md_table(["dropped because", "rows"], [[k, v] for k, v in prep["dropped"].items()] or [["(nothing)", 0]])
+    out += md_table(["dropped because", "rows"], [[k, v] for k, v in prep["dropped"].items()] or [["(nothing)", 0]])
     if prep.get("warnings"):
-        out += _md_table(["kept, field repaired", "rows"], [[k, v] for k, v in prep["warnings"].items()])
-    out += _md_table(["cleaning rule", "articles changed"], [[k, v] for k, v in prep.get("cleaned", {}).items()])
-    out += _md_table(["split", "articles", "tokens"], [[k, v["articles"], v["tokens"]] for k, v in prep["splits"].items()])
+        out += md_table(["kept, field repaired", "rows"], [[k, v] for k, v in prep["warnings"].items()])
+    out += md_table(["cleaning rule", "articles changed"], [[k, v] for k, v in prep.get("cleaned", {}).items()])
+    out += md_table(["split", "articles", "tokens"], [[k, v["articles"], v["tokens"]] for k, v in prep["splits"].items()])
     return out
 
 
@@ -273,9 +273,9 @@ def _section_generations(gens: list[dict], held_out: list[str]) -> list[str]:
     for g in gens[:6]:
         out += [f"**{g['id']}** — _{g['prompt'].strip()}_", ""]
         if "base_completion" in g:
-            out += _md_table(["base", "tuned"], [[_cell(g.get("base_completion", "")), _cell(g["completion"])]])
+            out += md_table(["base", "tuned"], [[cell(g.get("base_completion", "")), cell(g["completion"])]])
         else:
-            out += [f"> {_cell(g['completion'])}", ""]
+            out += [f"> {cell(g['completion'])}", ""]
     tuned = text_stats([g["completion"] for g in gens])
     rows = [["tuned completions", *(_fmt(tuned.get(k)) for k in STAT_KEYS)]]
     if has_base:
@@ -287,14 +287,14 @@ def _section_generations(gens: list[dict], held_out: list[str]) -> list[str]:
             rows.append(["held-out articles (same length)", *(_fmt(ref.get(k)) for k in STAT_KEYS)])
     out += ["Text statistics, means over texts (distinct-n = unique n-grams / n-grams; repetition = share of "
             "4-grams already seen in the same text):", ""]
-    out += _md_table(["text", *STAT_KEYS], rows)
+    out += md_table(["text", *STAT_KEYS], rows)
     return out
 
 
 STAT_KEYS = ["distinct_1", "distinct_2", "distinct_3", "repetition_4gram", "mean_words"]
 
 
-def _cell(text: str) -> str:
+def cell(text: str) -> str:
     return " ".join(text.split()).replace("|", "\\|")
 
 
@@ -312,7 +312,7 @@ def _section_provenance(metrics: dict | None, prep: dict | None) -> list[str]:
         rows += [[f"source sha256: {f['url']}", f["sha256"]] for f in prep["source_files"]]
     elif prep:
         rows.append(["source sha256", prep.get("source_sha256", "")])
-    return ["## Provenance", ""] + _md_table(["item", "value"], rows)
+    return ["## Provenance", ""] + md_table(["item", "value"], rows)
 
 
 # --------------------------------------------------------------------------- the stage
@@ -328,9 +328,9 @@ def run(cfg: Config) -> dict[str, Any]:
 
 def _write_report(cfg: Config, out: Path) -> None:
     prep = _prepare_report(cfg)
-    metrics = _json(cfg.layout.metrics)
-    articles = _jsonl(cfg.layout.eval_articles)
-    gens = _jsonl(cfg.layout.generations_file)
+    metrics = read_json(cfg.layout.metrics)
+    articles = read_jsonl(cfg.layout.eval_articles)
+    gens = read_jsonl(cfg.layout.generations_file)
     lines = [f"# medgen report: {cfg.run.name}", ""]
     if metrics and "tuned" in metrics:
         lines += [f"**Tuned perplexity {metrics['tuned']['perplexity']:.2f} vs base {metrics['base']['perplexity']:.2f}** "
@@ -343,7 +343,7 @@ def _write_report(cfg: Config, out: Path) -> None:
             png = fn(metrics, out / name) if fn is plot_per_tag else fn(articles, out / name)
             if png:
                 lines += [f"![{title}]({png})", ""]
-    train_log = _jsonl(cfg.layout.train_log)
+    train_log = read_jsonl(cfg.layout.train_log)
     png = plot_training(train_log, out / "training.png")
     if png:
         lines += ["## Training", ""] + _section_speed(train_log) + [f"![training curves]({png})", ""]

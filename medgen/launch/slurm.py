@@ -88,6 +88,8 @@ class Profile:
     timeout_min: int = opt(60, "Time limit of each stage's job in minutes (slurm.timeout_min overrides).")
     constraint: str = opt("", "Node features (--constraint), e.g. h100.")
     nodes: int = opt(1, "Nodes for train/evaluate/generate (slurm.nodes overrides).")
+    array_parallelism: int = opt(4, "Sweeps: grid points running at once per stage (--array=...%k; "
+                                 "slurm.array_parallelism overrides).")
     sbatch: dict[str, Any] = opt({}, "Other sbatch options, e.g. {exclusive: true, mail-type: FAIL}.")
 
 
@@ -140,6 +142,7 @@ def _check_profile(p: Profile) -> list[str]:
     out += [f"{k}: must be >= {lo} (got {v})" for k, v, lo in
             (("gpus_per_node", p.gpus_per_node, 0), ("tasks_per_node", p.tasks_per_node, 1),
              ("cpus_per_task", p.cpus_per_task, 1), ("timeout_min", p.timeout_min, 1), ("nodes", p.nodes, 1),
+             ("array_parallelism", p.array_parallelism, 1),
              ("mem_gb", p.mem_gb, 0)) if v < lo]
     for key, value in p.sbatch.items():
         if not isinstance(key, str) or not OPTION.fullmatch(key.replace("_", "-")):
@@ -159,7 +162,7 @@ def _checked_path(what: str, path: Path | str) -> str:
     return text
 
 
-def _sbatch_params(stage: str, cfg: Config, prof: Profile) -> StagePlan:
+def stage_plan(stage: str, cfg: Config, prof: Profile) -> StagePlan:
     s = cfg.slurm
     distributed = stage in DISTRIBUTED
     nodes = (s.nodes or prof.nodes) if distributed else 1
@@ -173,6 +176,8 @@ def _sbatch_params(stage: str, cfg: Config, prof: Profile) -> StagePlan:
         "signal_delay_s": s.signal_delay_s,
         "stderr_to_stdout": True,  # one log per task
         "setup": [*_pythonpath(), SKIP_OLD_STEP_IDS],
+        # used only when the stage is submitted as an array (a sweep): %k in --array=0-(n-1)%k
+        "array_parallelism": s.array_parallelism or prof.array_parallelism,
         # a task that dies kills its step; the others would otherwise wait in a collective until a timeout
         "srun_args": ["--kill-on-bad-exit=1"],
         "additional_parameters": {
@@ -198,8 +203,9 @@ def _pythonpath() -> list[str]:
     return [f"export PYTHONPATH={shlex.quote(_checked_path('checkout', CHECKOUT))}${{PYTHONPATH:+:$PYTHONPATH}}"]
 
 
-def plan(cfg: Config, folder: Path) -> list[StagePlan]:
-    """Validated sbatch parameters of every stage to submit (ConfigError/UserError on any mistake)."""
+def plan(cfg: Config, folder: Path, stages: Sequence[str] = ()) -> list[StagePlan]:
+    """Validated sbatch parameters of every stage to submit (``stages``, default slurm.stages; ConfigError or
+    UserError on any mistake)."""
     prof = load_profile(cfg.slurm.profile, cfg.slurm.profile_dir)
     limit_s = (cfg.slurm.timeout_min or prof.timeout_min) * 60
     if limit_s - cfg.slurm.signal_delay_s < 60:
@@ -208,10 +214,10 @@ def plan(cfg: Config, folder: Path) -> list[StagePlan]:
                            f"{limit_s // 60}-minute time limit before USR2; lower it or raise slurm.timeout_min"])
     _checked_path("slurm.folder", folder)
     _checked_path("python", sys.executable)
-    return [_sbatch_params(stage, cfg, prof) for stage in cfg.slurm.stages]
+    return [stage_plan(stage, cfg, prof) for stage in stages or cfg.slurm.stages]
 
 
-def _submission_folder(cfg: Config) -> Path:
+def submission_folder(cfg: Config) -> Path:
     # job ids restart at 1 on a rebuilt cluster: a fresh folder per submission keeps submitit from
     # mistaking an old job's result file for the new one's
     base = Path(cfg.slurm.folder or cfg.layout.slurm).absolute()
@@ -232,16 +238,16 @@ def _command(folder: Path) -> str:
 
 def scripts(cfg: Config) -> list[tuple[str, str]]:
     """(stage, sbatch script) for every stage, with placeholders for the job ids not known yet."""
-    folder = _submission_folder(cfg)
+    folder = submission_folder(cfg)
     out, prev = [], None
     for p in plan(cfg, folder):
         dep = {"dependency": f"afterok:<{prev} job id>"} if prev else {}
-        out.append((p.stage, _script(p, folder, **dep)))
+        out.append((p.stage, script(p, folder, **dep)))
         prev = p.stage
     return out
 
 
-def _script(p: StagePlan, folder: Path, **extra: Any) -> str:
+def script(p: StagePlan, folder: Path, **extra: Any) -> str:
     """The stage's sbatch script as submitit's SlurmExecutor writes it."""
     from submitit.slurm.slurm import _make_sbatch_string
 
@@ -258,16 +264,14 @@ def job_callable(stage: str) -> StageJob:
 
 def submit(cfg: Config) -> dict[str, Any]:
     """Submit the chain; returns (and writes to jobs.json) stage -> job id and log files."""
-    folder = _submission_folder(cfg)
+    folder = submission_folder(cfg)
     plans = plan(cfg, folder)
-    if not shutil.which("sbatch") or not shutil.which("srun"):
-        raise UserError("no sbatch/srun here: submit from a SLURM login node, or start the local cluster "
-                        "(slurm/cluster.sh up); --dry-run prints the scripts without SLURM")
-    _refuse_active_chain(cfg.run.dir)
+    require_slurm()
+    refuse_active_chain(cfg.run.dir)
     stages: dict[str, Any] = {}
-    with _submission_env():
+    with submission_env():
         for p in plans:
-            _test_only(p, folder)
+            test_only(p, folder)
         submitted = time.strftime("%Y-%m-%dT%H:%M:%S")  # before the first job: sacct -S in `medgen status`
         folder.mkdir(parents=True)
         snapshot = folder / "config.yaml"  # every stage reads the config as it was at submission
@@ -276,7 +280,7 @@ def submit(cfg: Config) -> dict[str, Any]:
             try:
                 job = _submit_one(p, folder, stages, cfg.slurm.max_requeues, str(snapshot))
             except submitit.core.utils.FailedJobError as e:
-                _cancel([s["job_id"] for s in stages.values()])
+                cancel([s["job_id"] for s in stages.values()])
                 raise UserError(f"sbatch refused the {p.stage} stage: {str(e).strip().splitlines()[-1]}") from None
             stages[p.stage] = {"job_id": job.job_id, "name": p.params["job_name"], "tasks": p.tasks,
                                "logs": [str(folder / f"{job.job_id}_{t}_log.out") for t in range(p.tasks)]}
@@ -289,10 +293,16 @@ def submit(cfg: Config) -> dict[str, Any]:
     return info
 
 
-def _test_only(p: StagePlan, folder: Path) -> None:
+def require_slurm() -> None:
+    if not shutil.which("sbatch") or not shutil.which("srun"):
+        raise UserError("no sbatch/srun here: submit from a SLURM login node, or start the local cluster "
+                        "(slurm/cluster.sh up); --dry-run prints the scripts without SLURM")
+
+
+def test_only(p: StagePlan, folder: Path, **extra: Any) -> None:
     """Ask slurmctld whether it could ever run this stage as planned (``sbatch --test-only`` queues nothing),
     so that what the cluster cannot give (GPUs, nodes, a partition) is refused before any stage is queued."""
-    out = subprocess.run(["sbatch", "--test-only"], input=_script(p, folder), capture_output=True, text=True,
+    out = subprocess.run(["sbatch", "--test-only"], input=script(p, folder, **extra), capture_output=True, text=True,
                          timeout=120)
     if out.returncode != 0:
         lines = [ln.strip() for ln in out.stderr.splitlines() if ln.strip()] or [f"exit code {out.returncode}"]
@@ -310,7 +320,7 @@ def _ask(p: StagePlan) -> str:
 
 
 @contextlib.contextmanager
-def _submission_env() -> Iterator[None]:
+def submission_env() -> Iterator[None]:
     """The environment sbatch runs in (and the jobs inherit): no SLURM_*/RANK/MASTER_* variables of a job or
     torchrun we might run inside, but the ones that choose the cluster, which submitit's clean_env drops too."""
     keep = {k: os.environ[k] for k in CLUSTER_SELECTION if k in os.environ}
@@ -330,12 +340,12 @@ def _submit_one(p: StagePlan, folder: Path, done: dict[str, Any], max_requeues: 
     return executor.submit(job_callable(p.stage), config_path, [])
 
 
-def _cancel(ids: list[str]) -> None:
+def cancel(ids: list[str]) -> None:
     if ids:
         subprocess.run(["scancel", *ids], check=False)
 
 
-def _refuse_active_chain(run_dir: str) -> None:
+def refuse_active_chain(run_dir: str) -> None:
     """Two chains on one run.dir would train into the same checkpoints."""
     path = jobs_file(run_dir)
     if not path.exists():
@@ -343,9 +353,10 @@ def _refuse_active_chain(run_dir: str) -> None:
     info = json.loads(path.read_text())
     ids = {s["job_id"] for s in info["stages"].values()}
     # ids restart on a rebuilt cluster: only a job with our id AND our name is ours
-    out = subprocess.run(["squeue", "-h", "-o", "%i %j", "-j", ",".join(sorted(ids))], capture_output=True, text=True)
+    # %F: the job id, or an array element's array job id (a sweep's jobs.json holds those)
+    out = subprocess.run(["squeue", "-h", "-o", "%F %j", "-j", ",".join(sorted(ids))], capture_output=True, text=True)
     names = {f"{s['job_id']} {s.get('name', '')}" for s in info["stages"].values()}
-    active = [ln.split()[0] for ln in out.stdout.splitlines() if ln.strip() in names]
+    active = sorted({ln.split()[0] for ln in out.stdout.splitlines() if ln.strip() in names})
     if active:
         raise UserError(f"{run_dir} already has a SLURM chain queued or running (jobs {', '.join(active)}): "
                         f"wait for it (medgen status {run_dir}) or cancel it (scancel {' '.join(active)})")
@@ -372,7 +383,7 @@ def describe(info: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- status
 
 
-def _states(ids: list[str], since: str) -> dict[str, tuple[str, str, str]]:
+def job_states(ids: list[str], since: str) -> dict[str, tuple[str, str, str]]:
     """job id -> (state, exit code, elapsed) from sacct; squeue for jobs sacct has not recorded yet."""
     out = subprocess.run(["sacct", "-X", "-n", "-P", "-S", since, "-o", "JobID,State,ExitCode,Elapsed",
                           "-j", ",".join(ids)], capture_output=True, text=True)
@@ -391,7 +402,7 @@ def _states(ids: list[str], since: str) -> dict[str, tuple[str, str, str]]:
     return states
 
 
-def _failed_log(logs: list[str]) -> str:
+def failed_log(logs: list[str]) -> str:
     """The log of the task that failed: the first that holds a traceback, else task 0's."""
     for path in logs:
         try:
@@ -410,7 +421,7 @@ def status(run_dir: str) -> tuple[str, int]:
                         f"(medgen run --config C --executor slurm run.dir={run_dir})")
     info = json.loads(path.read_text())
     stages = info["stages"]
-    states = _states([s["job_id"] for s in stages.values()], info["submitted"])
+    states = job_states([s["job_id"] for s in stages.values()], info["submitted"])
     lines = [f"{run_dir}: SLURM chain submitted {info['submitted']}",
              f"  {'stage':<9} {'job':<8} {'state':<13} {'elapsed':<10} log"]
     failed, cancelled = None, []
@@ -418,7 +429,7 @@ def status(run_dir: str) -> tuple[str, int]:
         state, code, elapsed = states.get(s["job_id"], ("UNKNOWN", "", ""))
         lines.append(f"  {name:<9} {s['job_id']:<8} {state:<13} {elapsed or '-':<10} {s['logs'][0]}")
         if state in FAILED and failed is None:
-            failed = (name, state, code, _failed_log(s["logs"]))
+            failed = (name, state, code, failed_log(s["logs"]))
         elif state == "CANCELLED":
             cancelled.append(name)
     if failed:
