@@ -189,9 +189,11 @@ def _print(args, runs: dict, counts: list[int], load_before: str) -> None:
     for w in counts:
         print(f"- workers={w}: peak PSS 10x / 1x = **{runs['10x', w]['pss_mib'] / runs['1x', w]['pss_mib']:.3f}**, "
               f"RSS {runs['10x', w]['rss_mib'] / runs['1x', w]['rss_mib']:.3f}")
-    if len(counts) > 1:
-        extra = (runs["10x", best]["pss_mib"] - runs["10x", base]["pss_mib"]) / (best - base)
-        print(f"- memory added per worker process (10x, PSS, {best} vs {base} workers): {extra:.0f} MiB")
+    procs = {w: w if w > 1 else 0 for w in counts}  # workers=1 works in the parent: no worker process
+    if procs[best] > procs[base]:
+        extra = runs["10x", best]["pss_mib"] - runs["10x", base]["pss_mib"]
+        print(f"- memory added per worker process (10x, PSS): {extra / (procs[best] - procs[base]):.0f} MiB "
+              f"({best} workers: {extra:.0f} MiB more than {base}, the loaded models shared with the parent)")
     _print_steps(runs["10x", base], runs["10x", best], best)
 
 
