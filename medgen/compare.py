@@ -209,7 +209,7 @@ def _markdown(cfg: Config, res: dict, pts: list[dict], out: Path) -> list[str]:
         lines += ["## Training loss", "", f"![training loss of every point]({png})", ""]
     best_pt = next((p for p in pts if p["name"] == res["best"]), None)
     if best_pt and report.plot_per_tag(best_pt["metrics"], out / "per_tag.png"):
-        lines += [f"## Perplexity by tag: best point (tuned) vs base", "", "![perplexity by tag](per_tag.png)", ""]
+        lines += ["## Perplexity by tag: best point (tuned) vs base", "", "![perplexity by tag](per_tag.png)", ""]
     return lines + _completions(pts)
 
 
