@@ -139,9 +139,6 @@ def index_memory(n: int, datasketch_lsh: bool) -> None:
     print(f"{what}: {n} articles, +{_rss_mib() - before:.0f} MiB resident, {time.perf_counter() - t0:.0f} s")
 
 
-STEPS = ("read", "clean", "dedup", "language", "metadata", "tokenize", "write")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--source", type=Path, default=SAMPLE, help="the articles to copy (Kaggle Medium schema)")
@@ -203,13 +200,14 @@ def _print_steps(one: dict, many: dict, n: int) -> None:
     steps = one["report"]["timing"]["cpu_seconds"]
     total = sum(steps.values())
     print("\n| step (10x, 1 worker) | CPU s | CPU s per MB | share |\n|---|---|---|---|")
-    for k in STEPS:
-        print(f"| {k} | {steps[k]:.1f} | {steps[k] / mb:.3f} | {steps[k] / total:.0%} |")
+    for k, v in steps.items():  # prepare's steps, in pipeline order
+        print(f"| {k} | {v:.1f} | {v / mb:.3f} | {v / total:.0%} |")
     # With n workers the parent reads, decides, writes and hands chunks over; the workers do the rest. Per MB:
     timing = many["report"]["timing"]
-    parent = timing["parent_cpu_seconds"] / mb
-    worker = (many["cpu"] - timing["parent_cpu_seconds"] - _startup_cpu(many)) / mb
+    # before prepare's clock starts the parent only starts up (imports, tokenizer, language model): CPU ~ wall
     startup = many["seconds"] - timing["seconds"]
+    parent = timing["parent_cpu_seconds"] / mb
+    worker = (many["cpu"] - timing["parent_cpu_seconds"] - startup) / mb
     model = {cores: min(cores / (worker + parent), 1 / parent) for cores in (n, 2, 8, 32)}
     measured = mb / timing["seconds"]
     print(f"\nProjection for the full Kaggle file (~1 GB, ~192k articles). Measured with {n} workers: the workers "
@@ -221,11 +219,6 @@ def _print_steps(one: dict, many: dict, n: int) -> None:
     print("| cores (= workers) | projected MB/s | projected minutes for 1 GB |\n|---|---|---|")
     for cores in (2, 8, 32):
         print(f"| {cores} | {model[cores]:.1f} | {(startup + 1000 / model[cores]) / 60:.1f} |")
-
-
-def _startup_cpu(run: dict) -> float:
-    """CPU the parent spent before prepare's clock started (imports, tokenizer, language model): about its wall time."""
-    return run["seconds"] - run["report"]["timing"]["seconds"]
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from token ids, never from text: the pipeline's returned ids minus the prompt's,
   imports, model load and the final merge included.
 
     .venv/bin/python bench/bench_generate.py                       # CPU: smollm2-135m, 128 prompts
+    .venv/bin/python bench/bench_generate.py --config configs/demo.yaml   # what the demo config gives
     python bench/bench_generate.py --device cuda --model gpt2-random --prompts 256
 
 `gpt2-random` is GPT-2 124M (`GPT2LMHeadModel(GPT2Config())`, seed 0) saved to a temp dir: throughput does
@@ -92,7 +93,8 @@ def baseline(path: str, prompts: list[dict], new_tokens: int, device: str) -> tu
 def run_medgen(model: str, prompts_file: Path, run_dir: Path, args) -> tuple[int, float, list[str]]:
     """(new tokens, seconds, command) of one whole `medgen generate` process; sets args.batch_size to the
     batch size medgen used (its own default unless --batch-size was given)."""
-    cmd = [sys.executable, "-m", "medgen", "generate", f"model.name_or_path={model}", f"run.dir={run_dir}",
+    cmd = [sys.executable, "-m", "medgen", "generate", *(["--config", args.config] if args.config else []),
+           f"model.name_or_path={model}", f"run.dir={run_dir}",
            f"generate.prompts={prompts_file}", f"generate.max_new_tokens={args.new_tokens}",
            f"generate.min_new_tokens={args.new_tokens}", f"generate.dtype={args.dtype}",
            *([f"generate.batch_size={args.batch_size}"] if args.batch_size else [])]
@@ -177,7 +179,10 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=0, help="prompts for medgen (default 128 on cpu, 256 on cuda)")
     ap.add_argument("--baseline-prompts", type=int, default=8, help="prompts for the pipeline baseline")
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--batch-size", type=int, default=0, help="generate.batch_size (default: medgen's own default)")
+    ap.add_argument("--batch-size", type=int, default=0, help="generate.batch_size (default: medgen's own default, "
+                    "or the --config's)")
+    ap.add_argument("--config", default="", help="a run config medgen generate starts from (e.g. configs/demo.yaml): "
+                    "what a user who starts from it gets")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="medgen's dtype (the pipeline runs fp32)")
     ap.add_argument("--bandwidth", type=float, default=0.0, help="memory bandwidth in bytes/s for the limit (default: by card)")
     ap.add_argument("--results", default=str(ROOT / "bench" / "RESULTS.md"), help="markdown file to append to ('' = none)")

@@ -65,7 +65,7 @@ def run_medgen(cfg_overrides: list[str], steps: int) -> float:
     from medgen.train import build_trainer
 
     cfg = load_config(str(ROOT / "configs" / "tiny.yaml"), cfg_overrides + [f"train.max_steps={steps}"])
-    trainer, dataset, collator, info = build_trainer(cfg)
+    trainer = build_trainer(cfg).trainer
     block = cfg.train.max_length * cfg.train.batch_size * cfg.train.grad_accum
     counter = {"n": 0}
     clock = StepClock([counter], lambda c: c["n"])

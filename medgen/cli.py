@@ -4,8 +4,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import traceback
 
-from medgen.errors import EXIT_TRY_AGAIN, ConfigError, Preempted, StorageUnavailable, UserError
+from medgen.errors import ConfigError, TryAgain, UserError
 from medgen.logs import logging_for
 
 STAGE_HELP = {
@@ -71,13 +72,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         for problem in e.problems:
-            print(f"medgen: config error: {problem}", file=sys.stderr)
+            print(f"medgen: {e.label}: {problem}", file=sys.stderr)
         return 2
-    except StorageUnavailable as e:
+    except TryAgain as e:  # preempted, or a store that stayed away: the rerun resumes
         if args.debug:
-            raise
-        print(f"medgen: error: {e}", file=sys.stderr)
-        return EXIT_TRY_AGAIN
+            traceback.print_exc()  # and still the exit code a launcher requeues on
+        print(f"{e.prefix}{e}", file=sys.stderr)
+        return e.exit_code
     except UserError as e:
         if args.debug:
             raise
@@ -86,9 +87,6 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         from medgen.data.storage import is_no_space
 
-        if isinstance(e, Preempted):
-            print(f"medgen: {e}", file=sys.stderr)
-            return EXIT_TRY_AGAIN
         if is_no_space(e) and not args.debug:  # a write no stage maps itself (a log, a record): still one line
             print(f"medgen: error: {getattr(e, 'filename', None) or 'a write'}: no space left on device; "
                   "free space and rerun", file=sys.stderr)
@@ -157,8 +155,10 @@ def _generate_direct(cfg, prompt: str | None) -> int:
 
 
 def _run_slurm(cfg, dry_run: bool) -> int:
+    from medgen import preflight
     from medgen.launch import slurm
 
+    preflight.check(cfg, cfg.slurm.stages, stores=False)  # a bad prompts file now, not after the training job
     if dry_run:
         for stage, script in slurm.scripts(cfg):
             print(f"# ---- {stage}: sbatch script (runs jobs/{stage}.py) ----\n{script}")

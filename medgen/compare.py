@@ -22,7 +22,8 @@ import numpy as np
 from medgen import atomic, evaluate, report, sweep
 from medgen.config import Config
 from medgen.data.storage import disk_errors
-from medgen.layout import RunLayout
+from medgen.launch import records
+from medgen.layout import RunLayout, SweepLayout
 
 log = logging.getLogger(__name__)
 
@@ -59,23 +60,12 @@ def _train_time(rows: list[dict]) -> float | None:
     return times[-1] - times[0] if len(times) > 1 else None
 
 
-def _jobs(sweep_dir: Path) -> dict[str, Any]:
-    """The SLURM sweep's jobs.json ({} for a local sweep)."""
-    from medgen.launch import slurm
-
-    path = slurm.jobs_file(sweep_dir)
-    info = json.loads(path.read_text()) if path.exists() else {}
-    return info if info.get("sweep") else {}
-
-
 def _failure(i: int, stage: str, sweep_dir: Path) -> dict[str, str]:
     """Where to look: the SLURM log of the failed element, or the error a local sweep recorded."""
-    from medgen.launch import slurm
-
-    stages = _jobs(sweep_dir).get("stages", {})
+    stages = records.sweep_jobs(sweep_dir).get("stages", {})
     if "elements" in stages.get(stage, {}):
-        return {"log": slurm.failed_log(stages[stage]["logs"][i])}
-    local = sweep_dir / sweep.LOCAL_STATUS
+        return {"log": records.failed_log(stages[stage]["logs"][i])}
+    local = SweepLayout(sweep_dir).local_status
     if local.exists():
         name = sweep.read_manifest(sweep_dir)["points"][i]["name"]
         rec = json.loads(local.read_text()).get(name, {}).get(stage, {})
@@ -85,13 +75,13 @@ def _failure(i: int, stage: str, sweep_dir: Path) -> dict[str, str]:
 
 def _submitted_stages(sweep_dir: Path) -> list[str]:
     """The point stages that ran: on SLURM those slurm.stages named, locally all."""
-    stages = _jobs(sweep_dir).get("stages")
+    stages = records.sweep_jobs(sweep_dir).get("stages")
     return [s for s in stages if s in sweep.POINT_STAGES] if stages else list(sweep.POINT_STAGES)
 
 
 def load_point(p: dict, sweep_dir: Path, stages: list[str]) -> dict[str, Any]:
     layout = RunLayout(Path(p["run_dir"]))
-    done = sweep.done_stages(layout)
+    done = {s: layout.finished(s) for s in sweep.POINT_STAGES}
     missing = [s for s in stages if not done[s]]
     out: dict[str, Any] = {"index": p["index"], "name": p["name"], "settings": p["settings"],
                            "run_dir": p["run_dir"], "status": "failed" if missing else "completed"}
@@ -161,19 +151,19 @@ def _row(p: dict, boots: dict, ppl: dict, best: str | None) -> dict[str, Any]:
 def run(cfg: Config) -> dict[str, Any]:
     """The stage: <sweep dir>/report/ (compare.md, compare.html, compare.json, plots) replaced as a whole."""
     result = compare(cfg)
-    final = Path(cfg.run.dir) / "report"
-    with disk_errors(final, "the comparison report", "the previous one, if any, is kept"), \
-            atomic.directory(final) as out:
+    where = SweepLayout(Path(cfg.run.dir))
+    with disk_errors(where.report, "the comparison report", "the previous one, if any, is kept"), \
+            atomic.directory(where.report) as out:
         pts = result.pop("_points")
-        (out / "compare.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+        (out / where.comparison_json.name).write_text(json.dumps(result, indent=2), encoding="utf-8")
         md = "\n".join(_markdown(cfg, result, pts, out))
-        (out / "compare.md").write_text(md, encoding="utf-8")
-        (out / "compare.html").write_text(report.to_html(md, out), encoding="utf-8")
+        (out / where.comparison.name).write_text(md, encoding="utf-8")
+        (out / where.comparison_html.name).write_text(report.to_html(md, out), encoding="utf-8")
     failed = [r["name"] for r in result["points"] if r["status"] != "completed"]
     log.info("compare: %d points, best %s%s", len(result["points"]), result["best"],
              f", failed: {', '.join(failed)}" if failed else "")
-    return {"report": str(final / "compare.md"), "html": str(final / "compare.html"),
-            "json": str(final / "compare.json"), "best": result["best"], "failed": failed}
+    return {"report": str(where.comparison), "html": str(where.comparison_html),
+            "json": str(where.comparison_json), "best": result["best"], "failed": failed}
 
 
 def _ci(x: list[float] | None, d: int = 2) -> str:

@@ -1,4 +1,10 @@
-"""The distributed process state that evaluate and generate share."""
+"""Distributed start-up, in one place: every way a stage starts (one process, torchrun / accelerate launch,
+DeepSpeed without a GPU, a SLURM task) goes through ``init_distributed``; a SLURM task first turns SLURM's
+variables into torch's (``from_slurm``). No other module touches accelerate's state or its environment
+variables, and every failure here is a ``DistributedError`` (one line, exit 2).
+
+Also here: where each rank runs (``record_placement``), for the job logs and the placement tests.
+"""
 from __future__ import annotations
 
 import json
@@ -11,26 +17,84 @@ from typing import Any
 import torch
 
 from medgen.atomic import write_text
-from medgen.errors import UserError
+from medgen.errors import DistributedError
 from medgen.layout import RunLayout
 
 
-def process_state():
-    """accelerate's PartialState, on CPU when there is no GPU or ACCELERATE_USE_CPU is set.
-
-    ``PartialState()`` alone on a CPU machine under torchrun reports ONE process per rank (every rank
-    would score everything and write the output): ask for CPU explicitly and check the world size.
-    """
-    from accelerate import PartialState
+def deepspeed_requested(deepspeed_config: str) -> bool:
+    """train.deepspeed, or a DeepSpeed preset of ``accelerate launch`` (it sets ACCELERATE_USE_DEEPSPEED)."""
     from accelerate.utils import parse_flag_from_env
 
-    cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
-    state = PartialState(cpu=cpu)
+    return bool(deepspeed_config) or parse_flag_from_env("ACCELERATE_USE_DEEPSPEED")
+
+
+def on_cpu() -> bool:
+    """No GPU here, or the launch asked for the CPU (ACCELERATE_USE_CPU, as accelerate's --cpu sets it)."""
+    from accelerate.utils import parse_flag_from_env
+
+    return parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
+
+
+def init_distributed(deepspeed: bool = False):
+    """accelerate's shared PartialState for this process, started once (later calls join it), checked against
+    the world size the launcher announced (WORLD_SIZE), which it must match.
+
+    - One process, torchrun, accelerate launch, a SLURM task: on the CPU when ``on_cpu()``. ``PartialState()``
+      alone on a CPU machine under torchrun reports ONE process per rank (every rank would do all the work).
+    - DeepSpeed without a GPU: accelerate's CPU mode switches DeepSpeed off without a word (it would train
+      plain DDP), and without it accelerate finds no backend and every rank believes it is alone. So: the
+      state on gloo with DeepSpeed declared; the Trainer reuses it (its accelerator_config
+      use_configured_state, train.sft_config).
+    """
+    from accelerate import PartialState
+
+    if deepspeed and not torch.cuda.is_available():
+        from accelerate.utils import parse_flag_from_env
+
+        if parse_flag_from_env("ACCELERATE_USE_CPU"):
+            raise DistributedError("DeepSpeed does not run with ACCELERATE_USE_CPU set (accelerate would train plain "
+                                   "DDP instead); unset it: without a GPU medgen runs DeepSpeed on the CPU itself")
+        if "LOCAL_RANK" not in os.environ:  # gloo needs the process group a launcher describes
+            raise DistributedError("DeepSpeed on CPU: start medgen with torchrun or accelerate launch")
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+        state = PartialState(backend="gloo")
+    else:
+        state = PartialState(cpu=on_cpu())
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if state.num_processes != launched:
-        raise UserError(f"launched as {launched} processes but accelerate sees {state.num_processes}; "
-                        "use torchrun (with ACCELERATE_USE_CPU=true on CPU)")
+        raise DistributedError(f"launched as {launched} processes but accelerate sees {state.num_processes}; "
+                               "use torchrun (with ACCELERATE_USE_CPU=true on CPU)")
     return state
+
+
+def from_slurm(distributed: bool) -> None:
+    """In a SLURM task (one task per rank, started by srun, never torchrun): threads for the cores SLURM gave
+    the task; for train/evaluate/generate, RANK/WORLD_SIZE/MASTER_* exported from SLURM's variables
+    (multi-node too), then the shared state started. CUDA_VISIBLE_DEVICES stays as SLURM set it (all GPUs of
+    the node): each rank takes cuda:LOCAL_RANK."""
+    import logging
+
+    import submitit
+
+    # torch would start a thread per core of the node in every task: use the cores SLURM gave this task
+    os.environ.setdefault("OMP_NUM_THREADS", os.environ.get("SLURM_CPUS_PER_TASK", "1"))
+    if not distributed:
+        return
+    # overwrite: variables inherited from the submitting shell must not win over SLURM's
+    env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+    logging.getLogger("medgen").info("rank %d of %d (local %d), master %s:%d", env.rank, env.world_size,
+                                     env.local_rank, env.master_addr, env.master_port)
+    init_distributed()
+
+
+def is_distributed() -> bool:
+    """Whether a process group is up (collectives must then be called on every rank)."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def barrier() -> None:
+    if is_distributed():
+        torch.distributed.barrier()
 
 
 def placement() -> dict[str, Any]:

@@ -23,13 +23,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from medgen import atomic, models
+from medgen import atomic, models, provenance
 from medgen.config import Config
 from medgen.data import shards, stream
 from medgen.data.storage import disk_errors
-from medgen.dist import process_state
+from medgen.dist import init_distributed
 from medgen.errors import UserError
-from medgen.layout import RunLayout
 
 log = logging.getLogger(__name__)
 LN2 = math.log(2.0)
@@ -221,7 +220,7 @@ def per_tag(rows: list[dict], key: str, top: int) -> dict[str, dict[str, float]]
 
 
 def run(cfg: Config) -> dict[str, Any]:
-    state = process_state()
+    state = init_distributed()
     e = cfg.eval
     threads = set_threads(state, e.threads)
     tok = models.load_tokenizer(cfg.model.name_or_path, cfg.model.revision)
@@ -244,7 +243,7 @@ def run(cfg: Config) -> dict[str, Any]:
         info = dict(context=context, stride=stride, has_adapter=has_adapter, world=state.num_processes,
                     seconds=seconds, threads=threads)
         metrics = build_metrics(cfg, rows, totals, int(round(bytes_total)), int(round(n_articles)), info)
-        _write_outputs(cfg.layout, rows, metrics)
+        _write_outputs(cfg, rows, metrics)
     finally:
         state.wait_for_everyone()
     return metrics
@@ -267,7 +266,7 @@ def _load_model(cfg: Config, device: torch.device):
     dtype = torch.float32 if cfg.eval.dtype == "float32" else torch.bfloat16
     model = models.load_model(cfg.model.name_or_path, cfg.model.revision, dtype)
     adapter_dir = cfg.layout.adapter
-    has_adapter = (adapter_dir / "adapter_config.json").exists()
+    has_adapter = cfg.layout.finished("train")
     if has_adapter:
         model = PeftModel.from_pretrained(model, str(adapter_dir))
     return model.to(device).eval(), has_adapter
@@ -312,12 +311,10 @@ def build_metrics(cfg: Config, rows: list[dict], totals: dict, n_bytes: int, n_a
                   info: dict) -> dict[str, Any]:
     """metrics.json (schema in docs/evaluate.md)."""
     e = cfg.eval
-    adapter_dir = cfg.layout.adapter
     provenance = {
         "method": METHOD, "context": info["context"], "stride": info["stride"], "model": cfg.model.name_or_path,
         "model_fingerprint": models.model_fingerprint(cfg.model.name_or_path),
-        "adapter_fingerprint": models.files_fingerprint(str(adapter_dir), ("*.safetensors", "adapter_config.json"))
-        if info["has_adapter"] else "",
+        "adapter_fingerprint": models.adapter_fingerprint(cfg.layout.adapter) if info["has_adapter"] else "",
     }
     out: dict[str, Any] = {"split": e.split, **provenance, "world_size": info["world"],
                            "bootstrap": {"resamples": e.bootstrap, "seed": e.seed, "unit": "article"}}
@@ -352,9 +349,14 @@ def _timing(info: dict, out: dict) -> dict[str, Any]:
     return timing
 
 
-def _write_outputs(layout: RunLayout, rows: list[dict], metrics: dict) -> None:
-    """The eval folder as a whole: the previous one stays until the new one is complete (a pair)."""
+def _write_outputs(cfg: Config, rows: list[dict], metrics: dict) -> None:
+    """The eval folder as a whole, with the record of what ran: the previous one stays until the new one is
+    complete."""
+    layout = cfg.layout
     with disk_errors(layout.eval, "the evaluation output", "the previous evaluation output, if any, is kept"), \
             atomic.directory(layout.eval) as tmp:
         (tmp / layout.eval_articles.name).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
         (tmp / layout.metrics.name).write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+        provenance.write(cfg, "evaluate", tmp, world_size=metrics["world_size"], context=metrics["context"],
+                         stride=metrics["stride"], model_fingerprint=metrics["model_fingerprint"],
+                         adapter_fingerprint=metrics["adapter_fingerprint"])

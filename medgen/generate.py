@@ -20,109 +20,29 @@ import json
 import logging
 import os
 import random
-import re
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, TextIO
 
-import fsspec
 import torch
 from transformers import GenerationConfig, LogitsProcessor, StoppingCriteria
 
-from medgen import atomic, models
+from medgen import atomic, models, provenance
 from medgen.config import ASSETS, Config, GenerateConfig
-from medgen.data.retry import RETRY_SECONDS, retrying
-from medgen.data.storage import disk_errors, fs_options, redact, storage_errors
-from medgen.dist import process_state
+from medgen.data.prompts import STDIN, looks_jsonl, parse_prompts, read_prompts
+from medgen.data.storage import disk_errors
+from medgen.dist import init_distributed
 from medgen.errors import UserError
 
 log = logging.getLogger(__name__)
 
-STDIN = "-"
 SCHEMA = ASSETS / "generation.schema.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # Text for the merge check: a few dozen ordinary tokens.
 PROBE = "The first thing I learned about writing on Medium is that nobody reads the second paragraph, so"
 Key = tuple[str, int]
-
-# --------------------------------------------------------------------------- prompts
-
-
-def read_prompts(url: str, storage_options: dict | None = None,
-                 retry_seconds: float = RETRY_SECONDS) -> list[dict[str, Any]]:
-    """JSONL objects with ``id`` and ``prompt`` (other fields carried through), or one prompt per text line."""
-    def read() -> bytes:
-        with fsspec.open(url, "rb", compression="infer", **fs_options(url, storage_options or {})) as f:
-            return f.read()
-
-    with storage_errors("generate.prompts", url):
-        data = retrying(read, "generate.prompts", url, retry_seconds)
-    plain = url.removesuffix(".gz").removesuffix(".bz2").removesuffix(".zst").removesuffix(".xz")
-    return parse_prompts(decode_prompts(data, redact(url)), redact(url), plain.endswith((".jsonl", ".json")))
-
-
-def decode_prompts(data: bytes, source: str) -> str:
-    """UTF-8 (a byte order mark is dropped), or a UserError naming the line and byte that are not."""
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data[:e.start].count(b"\n") + 1
-        raise UserError(f"generate.prompts {source}:{line}: not UTF-8 (byte 0x{data[e.start]:02x} at offset "
-                        f"{e.start}); save the file as UTF-8") from None
-
-
-def looks_jsonl(text: str) -> bool:
-    """For stdin, which has no file name: JSONL when the first non-blank line is an object with a prompt."""
-    first = next((ln for ln in text.split("\n") if ln.strip()), "")
-    try:
-        rec = json.loads(first)
-    except json.JSONDecodeError:
-        return False
-    return isinstance(rec, dict) and "prompt" in rec
-
-
-def parse_prompts(text: str, source: str, jsonl: bool) -> list[dict[str, Any]]:
-    """Prompt records in input order; a text line's id is ``line-<n>`` (its 1-based line number)."""
-    prompts, seen = [], set()
-    # \n, \r\n or \r, not splitlines(): JSON strings may hold U+2028, \x1c etc. unescaped
-    for n, line in enumerate(_LINE_END.split(text), 1):
-        if not line.strip():
-            continue
-        rec = _json_prompt(line, source, n) if jsonl else {"id": f"line-{n}", "prompt": line}
-        if rec["id"] in seen:
-            raise UserError(f"generate.prompts {source}:{n}: duplicate id {rec['id']!r}")
-        seen.add(rec["id"])
-        prompts.append(rec)
-    return prompts
-
-
-_LINE_END = re.compile(r"\r\n|\r|\n")
-
-
-def _no_constant(name: str):
-    raise ValueError(f"{name} is not JSON")
-
-
-def _json_prompt(line: str, source: str, n: int) -> dict[str, Any]:
-    try:
-        rec = json.loads(line, parse_constant=_no_constant)
-        json.dumps(rec, ensure_ascii=False).encode("utf-8")  # the output must be able to hold it
-    except json.JSONDecodeError as e:
-        raise UserError(f"generate.prompts {source}:{n}: not valid JSON ({e.msg})") from None
-    except UnicodeEncodeError:
-        raise UserError(f"generate.prompts {source}:{n}: a \\ud800-\\udfff escape without its pair "
-                        f"(not a character)") from None
-    except (ValueError, RecursionError) as e:  # NaN/Infinity, a number of 4300+ digits, nesting too deep
-        raise UserError(f"generate.prompts {source}:{n}: not usable JSON ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:100]})") from None
-    if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
-        raise UserError(f"generate.prompts {source}:{n}: needs a string field 'prompt'")
-    if not rec["prompt"]:
-        raise UserError(f"generate.prompts {source}:{n}: empty prompt")
-    rec["id"] = str(rec.get("id", f"line-{n}"))
-    return rec
-
 
 def expand(prompts: list[dict[str, Any]], num_samples: int) -> list[dict[str, Any]]:
     """One work item per (prompt, sample), in output order."""
@@ -202,15 +122,14 @@ def _first_stop(text: str, stops: list[str]) -> int:
     return min(hits) if hits else -1
 
 
-def provenance(cfg: Config, adapter: bool = True) -> dict[str, Any]:
+def line_header(cfg: Config, adapter: bool = True) -> dict[str, Any]:
     """The fields every line shares; computable without loading the model (the rerun check needs it)."""
     adapter_dir = cfg.layout.adapter
-    has_adapter = adapter and (adapter_dir / "adapter_config.json").exists()
+    has_adapter = adapter and cfg.layout.finished("train")
     return {
         "model": cfg.model.name_or_path,
         "model_fingerprint": models.model_fingerprint(cfg.model.name_or_path),
-        "adapter_fingerprint": models.files_fingerprint(str(adapter_dir), ("*.safetensors", "adapter_config.json"))
-        if has_adapter else "",
+        "adapter_fingerprint": models.adapter_fingerprint(adapter_dir) if has_adapter else "",
         "params": gen_params(cfg.generate),
         "seed": cfg.generate.seed,
     }
@@ -247,7 +166,7 @@ class Generator:
     def __init__(self, cfg: Config, device: torch.device, header: dict[str, Any] | None = None, adapter: bool = True):
         self.g = g = cfg.generate
         self.device = device
-        self.header = header or provenance(cfg, adapter)
+        self.header = header or line_header(cfg, adapter)
         self.tok = models.load_tokenizer(cfg.model.name_or_path, cfg.model.revision, padding_side="left")
         model = models.load_model(cfg.model.name_or_path, cfg.model.revision, torch.float32)
         self.adapter_merged, self.merge_diff = False, float("nan")
@@ -350,33 +269,59 @@ def _max_positions(config) -> int:
 # --------------------------------------------------------------------------- the job: exactly once
 
 
-def run(cfg: Config) -> dict[str, Any]:
-    from tqdm.auto import tqdm
+@dataclass(frozen=True)
+class OutputSet:
+    """One set of completions written exactly once: its part files (``<prefix>part-R-of-W.jsonl``), the settings
+    it was made with (``<prefix>job.json``) and the merged file, published last."""
 
+    prefix: str  # '' = the run's completions; 'base-' = the base model's, for the report
+    header: dict[str, Any]  # the provenance fields on every line
+    final: Path
+    adapter: bool
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    """The base model's completions of the first generate.base_prompts prompts (when there is an adapter), then
+    the run's own; generations.jsonl, published last, marks the stage finished."""
     g = cfg.generate
     if g.prompts == STDIN:
         raise UserError("generate.prompts=- (stdin) works with `medgen generate` only")
-    state = process_state()
-    items = expand(read_prompts(g.prompts, cfg.data.storage_options, cfg.data.retry_seconds), g.num_samples)
-    out_dir = cfg.layout.generations
-    out_dir.mkdir(parents=True, exist_ok=True)
-    header = provenance(cfg)
-    _check_job(out_dir, header)
-    part = out_dir / f"part-{state.process_index:05d}-of-{state.num_processes:05d}.jsonl"
+    state = init_distributed()
+    prompts = read_prompts(g.prompts, cfg.data.storage_options, cfg.data.retry_seconds)
+    layout = cfg.layout
+    layout.generations.mkdir(parents=True, exist_ok=True)
+    tuned = OutputSet("", line_header(cfg), layout.generations_file, adapter=True)
+    if tuned.header["adapter_fingerprint"] and g.base_prompts:
+        base = OutputSet("base-", line_header(cfg, adapter=False), layout.base_generations_file, adapter=False)
+        _complete_once(cfg, state, expand(prompts[:g.base_prompts], g.num_samples), base, "generate (base model)")
+    items = expand(prompts, g.num_samples)
+    _complete_once(cfg, state, items, tuned, "generate", record=True)
+    return {"prompts": len(prompts), "lines": len(items), "path": str(layout.generations_file)}
+
+
+def _complete_once(cfg: Config, state, items: list[dict[str, Any]], out: OutputSet, desc: str,
+                   record: bool = False) -> None:
+    """Every item of ``items`` completed once into ``out``, whatever ran before and on however many ranks."""
+    from tqdm.auto import tqdm
+
+    out_dir = out.final.parent
+    _check_job(out_dir, out)
+    part = out_dir / f"{out.prefix}part-{state.process_index:05d}-of-{state.num_processes:05d}.jsonl"
     _repair(part)  # only this rank appends to it: cut a torn last line before adding to it
-    done = _read_done(out_dir)
+    done = _read_done(out_dir, out.prefix)
     _check_prompts(items, done)
     # Split by position in the full list, not in the to-do list: ranks read the parts at different
     # moments, so their to-do lists may differ, but this split cannot.
     mine = [it for i, it in enumerate(items) if i % state.num_processes == state.process_index and key(it) not in done]
-    log.info("generate: %d of %d items to do on rank %d (%d done before)", len(mine), len(items), state.process_index, len(done))
+    log.info("%s: %d of %d items to do on rank %d (%d done before)", desc, len(mine), len(items),
+             state.process_index, len(done))
     if mine:
-        gen = Generator(cfg, state.device, header)
+        gen = Generator(cfg, state.device, out.header, adapter=out.adapter)
         kept = "the completions written so far are kept; a rerun continues after them"
         with disk_errors(part, "completions", kept):
             fd = os.open(part, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             try:
-                with tqdm(total=len(mine), desc="generate", unit=" completion", disable=None) as bar:
+                with tqdm(total=len(mine), desc=desc, unit=" completion", disable=None) as bar:
                     for records in gen.run(mine):
                         _append(fd, records)
                         bar.update(len(records))
@@ -384,10 +329,13 @@ def run(cfg: Config) -> dict[str, Any]:
                 os.close(fd)
     state.wait_for_everyone()
     if state.is_main_process:
-        with disk_errors(cfg.layout.generations_file, "generations.jsonl", "the part files are kept; a rerun merges them"):
-            _merge(out_dir, items)
+        if record:
+            provenance.write(cfg, "generate", world_size=state.num_processes,
+                             model_fingerprint=out.header["model_fingerprint"],
+                             adapter_fingerprint=out.header["adapter_fingerprint"])
+        with disk_errors(out.final, out.final.name, "the part files are kept; a rerun merges them"):
+            _merge(out_dir, out.prefix, items, out.final)
     state.wait_for_everyone()
-    return {"prompts": len(items) // g.num_samples, "lines": len(items), "path": str(cfg.layout.generations_file)}
 
 
 def _append(fd: int, records: list[dict[str, Any]]) -> None:
@@ -432,10 +380,10 @@ def _repair(part: Path) -> None:
             os.fsync(f.fileno())
 
 
-def _read_done(out_dir: Path) -> dict[Key, str]:
-    """Every finished line in every part file, whichever world size wrote it (first copy wins)."""
+def _read_done(out_dir: Path, prefix: str = "") -> dict[Key, str]:
+    """Every finished line in every part file of the set, whichever world size wrote it (first copy wins)."""
     done: dict[Key, str] = {}
-    for p in sorted(out_dir.glob("part-*.jsonl")):
+    for p in sorted(out_dir.glob(f"{prefix}part-*.jsonl")):
         for k, line in _parse_part(p.read_bytes())[0]:
             done.setdefault(k, line)
     return done
@@ -449,10 +397,10 @@ def _check_prompts(items: list[dict[str, Any]], done: dict[Key, str]) -> None:
                             "give it a new id, or use another run.dir")
 
 
-def _check_job(out_dir: Path, header: dict[str, Any]) -> None:
+def _check_job(out_dir: Path, out: OutputSet) -> None:
     """Refuse to mix completions of different models or settings in one file; record this job's settings."""
-    path, want = out_dir / "job.json", header
-    if path.exists() and list(out_dir.glob("part-*.jsonl")):
+    path, want = out_dir / f"{out.prefix}job.json", out.header
+    if path.exists() and list(out_dir.glob(f"{out.prefix}part-*.jsonl")):
         have = json.loads(path.read_text(encoding="utf-8"))
         diff = [f"params.{k}" for k in sorted(set(want["params"]) | set(have.get("params", {})))
                 if want["params"].get(k) != have.get("params", {}).get(k)]
@@ -464,20 +412,20 @@ def _check_job(out_dir: Path, header: dict[str, Any]) -> None:
     atomic.write_text(path, json.dumps(want, indent=2) + "\n")  # ranks may race here, harmlessly
 
 
-def _merge(out_dir: Path, items: list[dict[str, Any]]) -> None:
-    """Copy each item's line, verbatim and in input order, into generations.jsonl (atomically)."""
-    done = _read_done(out_dir)
+def _merge(out_dir: Path, prefix: str, items: list[dict[str, Any]], final: Path) -> None:
+    """Copy each item's line, verbatim and in input order, into ``final`` (atomically)."""
+    done = _read_done(out_dir, prefix)
     missing = [key(it) for it in items if key(it) not in done]
     if missing:
         raise RuntimeError(f"generate: {len(missing)} items have no completion (first: {missing[0]})")
-    atomic.write_text(out_dir / "generations.jsonl", "".join(done[key(it)] + "\n" for it in items))
+    atomic.write_text(final, "".join(done[key(it)] + "\n" for it in items))
 
 
 # --------------------------------------------------------------------------- prompts from the command line
 
 
 def _single_process_device() -> torch.device:
-    state = process_state()
+    state = init_distributed()
     if state.num_processes > 1:
         raise UserError("--prompt and stdin prompts run in one process: start medgen without torchrun")
     return state.device

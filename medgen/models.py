@@ -16,15 +16,20 @@ import json
 import logging
 import os
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from medgen import atomic
 from medgen.errors import UserError
 
+if TYPE_CHECKING:  # torch is imported where a model is built: validating a config needs none of it
+    import torch
+
 log = logging.getLogger(__name__)
 
 BUILTINS = ("smollm2-135m", "tiny-gpt2")
+# transformer blocks of each built-in, as _build_tiny_gpt2 and the GGUF file make them (tests/test_models.py
+# checks both), so validate can check lora.top_layers without building a model
+BUILTIN_LAYERS = {"smollm2-135m": 30, "tiny-gpt2": 2}
 # bump when a built-in's construction changes, so stale caches are rebuilt rather than reused
 BUILTIN_REVISION = {"smollm2-135m": 1, "tiny-gpt2": 2}
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -73,6 +78,7 @@ def gpt2_tokenizer():
 
 
 def _build_tiny_gpt2():
+    import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
     tok = gpt2_tokenizer()
@@ -95,6 +101,7 @@ def _smollm2_dir() -> Path:
 
 
 def _build_smollm2():
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     d = _smollm2_dir()
@@ -132,13 +139,15 @@ def load_tokenizer(name_or_path: str, revision: str = "", padding_side: str = "r
     return tok
 
 
-def load_model(name_or_path: str, revision: str = "", dtype: torch.dtype = torch.float32):
+def load_model(name_or_path: str, revision: str = "", dtype: torch.dtype | None = None):
+    """The model in ``dtype`` (default float32)."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     path = resolve(name_or_path)
     try:
         return AutoModelForCausalLM.from_pretrained(
-            path, revision=revision or None, dtype=dtype, trust_remote_code=False, use_safetensors=True
+            path, revision=revision or None, dtype=dtype or torch.float32, trust_remote_code=False, use_safetensors=True
         )
     except OSError as e:
         raise UserError(
@@ -152,6 +161,8 @@ def set_dropout(model, p: float) -> int:
 
     Modules, not the config: they read their probability at construction (nn.Dropout) or keep a float
     (``attention_dropout`` in Llama-style attention), and the saved config stays the model's own."""
+    import torch
+
     changed = 0
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
@@ -173,6 +184,8 @@ def lora_targets(model, configured: list[str], listed: bool = False) -> tuple[li
 
 def linear_names(model) -> list[str]:
     """Names of the linear layers in the blocks (what peft's "all-linear" means), for when a list is required."""
+    import torch
+
     out = model.get_output_embeddings()
     return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
                    if isinstance(m, torch.nn.Linear) and m is not out})
@@ -207,6 +220,31 @@ def files_fingerprint(path: str, patterns: tuple[str, ...] = ("*.safetensors", "
                 for block in iter(lambda: fh.read(1 << 22), b""):
                     h.update(block)
     return "sha256:" + h.hexdigest()[:16]
+
+
+def adapter_fingerprint(adapter_dir: str | os.PathLike) -> str:
+    """Hash of a saved adapter's weights and config: which adapter produced a metric or a completion."""
+    return files_fingerprint(str(adapter_dir), ("*.safetensors", "adapter_config.json"))
+
+
+def layers(name_or_path: str) -> int:
+    """Transformer blocks of a built-in or a local model directory, read without loading it (0 = not known)."""
+    path = Path(name_or_path) / "config.json"
+    if path.is_file():
+        try:
+            c = json.loads(path.read_text(encoding="utf-8"))
+            return int(c.get("n_layer") or c.get("num_hidden_layers") or 0)
+        except (OSError, ValueError, TypeError):
+            return 0
+    return BUILTIN_LAYERS.get(name_or_path, 0)
+
+
+def check_top_layers(name_or_path: str, top_layers: int) -> list[str]:
+    """lora.top_layers against the model's blocks, where they can be known without loading it."""
+    n = layers(name_or_path)
+    if n and top_layers > n:
+        return [f"lora.top_layers: {top_layers} is more than the {n} layers of {name_or_path}"]
+    return []
 
 
 def model_fingerprint(name_or_path: str) -> str:

@@ -9,7 +9,7 @@ from typing import Any, Iterator
 
 from tqdm.auto import tqdm
 
-from medgen import models
+from medgen import models, provenance
 from medgen.config import Config, DataConfig
 from medgen.data import articles, clean, filters, read, shards, workers
 from medgen.data.storage import redact
@@ -36,22 +36,26 @@ def run(cfg: Config) -> dict[str, Any]:
     problems = clean.check_rules(d.clean_rules)
     if problems:
         raise UserError(problems[0])
-    tok = models.load_tokenizer(cfg.model.name_or_path, cfg.model.revision)
-    work = articles.ArticleWork(d, tok)
-    n_workers = workers.resolve(d.workers)
-    log.info("prepare: %d worker process%s (data.workers=%d)", n_workers, "es" * (n_workers > 1), d.workers)
-    t0, cpu0 = time.time(), time.process_time()
+    # the sources and the destination first: a mistake there costs seconds, not the tokenizer and language model
     urls = read.source_urls(d.source, d.storage_options, d.retry_seconds)
     writer = shards.ShardWriter(cfg.shards_url, d.storage_options, d.num_shards, d.retry_seconds)
-    decide = Decisions(d, work.minhash.bands if work.minhash else 0)
     try:
+        tok = models.load_tokenizer(cfg.model.name_or_path, cfg.model.revision)
+        work = articles.ArticleWork(d, tok)
+        n_workers = workers.resolve(d.workers)
+        log.info("prepare: %d worker process%s (data.workers=%d)", n_workers, "es" * (n_workers > 1), d.workers)
+        t0, cpu0 = time.time(), time.process_time()
+        decide = Decisions(d, work.minhash.bands if work.minhash else 0)
         files = _write_articles(urls, work, n_workers, decide, writer, d)
         t = time.process_time()
         split_stats = writer.finish()
         decide.seconds["write"] += time.process_time() - t
-        decide.seconds["parent"] = time.process_time() - cpu0
-        report = _report(d, files, decide, split_stats, time.time() - t0, n_workers)
-        writer.publish(_manifest(cfg, files, tok, split_stats), report)
+        timing = {"seconds": round(time.time() - t0, 2), "workers": n_workers,
+                  "cpu_seconds": {k: round(decide.seconds[k], 2) for k in STEPS},
+                  "parent_cpu_seconds": round(time.process_time() - cpu0, 2)}  # all of it when workers=1
+        report = _report(d, files, decide, split_stats, timing)
+        writer.publish(_manifest(cfg, files, tok, split_stats), report,
+                       provenance.record(cfg, "prepare", workers=n_workers, tokenizer_fingerprint=models.tokenizer_fingerprint(tok)))
     except BaseException:
         writer.abort()
         raise
@@ -95,9 +99,8 @@ def _chunks(urls: list[str], d: DataConfig, decide: "Decisions", files: list[dic
         files.append({"url": redact(url), "sha256": source.sha256.hexdigest(), "bytes": source.bytes})
 
 
-def _report(d: DataConfig, files: list[dict], decide: "Decisions", split_stats: dict[str, Any], seconds: float,
-            n_workers: int) -> dict[str, Any]:
-    steps = decide.seconds
+def _report(d: DataConfig, files: list[dict], decide: "Decisions", split_stats: dict[str, Any],
+            timing: dict[str, Any]) -> dict[str, Any]:
     report = {
         "source": _redacted(d.source),
         **({"source_sha256": files[0]["sha256"]} if len(files) == 1 else {"source_files": files}),
@@ -111,10 +114,7 @@ def _report(d: DataConfig, files: list[dict], decide: "Decisions", split_stats: 
         "languages_dropped": dict(sorted(decide.languages_dropped.items(), key=lambda kv: (-kv[1], kv[0]))),
         "warnings": dict(sorted(decide.warnings.items())),
         "splits": {k: {"articles": v["articles"], "tokens": v["tokens"]} for k, v in split_stats.items()},
-        # the only part that depends on the machine and data.workers
-        "timing": {"seconds": round(seconds, 2), "workers": n_workers,
-                   "cpu_seconds": {k: round(steps[k], 2) for k in STEPS},
-                   "parent_cpu_seconds": round(steps["parent"], 2)},  # all of it when workers=1
+        "timing": timing,  # the only part that depends on the machine and data.workers
     }
     if report["rows_kept"] + report["rows_dropped"] != decide.rows_read:
         raise RuntimeError(f"prepare lost track of rows: {report}")

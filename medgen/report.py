@@ -1,7 +1,9 @@
 """Stage 5, report: ``report/report.md`` and a self-contained ``report.html``, with PNG plots.
 
-Reads only what the other stages wrote: the prepare report, train_log.jsonl, eval/metrics.json and
-eval/articles.jsonl, generations.jsonl, and the held-out split (for text statistics).
+Reads only what the other stages wrote, and runs no model: the prepare report, each stage's record of the
+config it ran with (medgen/provenance.py), train_log.jsonl, eval/metrics.json and eval/articles.jsonl,
+generations.jsonl and the base model's completions (generations/base.jsonl), and the held-out split (for
+text statistics). The run is described from those records, not from the config of the report command.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from medgen import atomic
+from medgen import atomic, provenance
 from medgen.config import Config
 from medgen.data import shards
 from medgen.data.retry import retrying
@@ -46,27 +48,6 @@ def _prepare_report(cfg: Config) -> dict | None:
     except FileNotFoundError:
         return None
     return json.loads(text)
-
-
-def _base_completions(cfg: Config, gens: list[dict], n: int = 4) -> None:
-    """Add ``base_completion`` to the first ``n`` generations: the same prompt and settings, adapter off."""
-    from medgen.generate import Generator
-
-    items = [{"id": g["id"], "prompt": g["prompt"], "sample": g.get("sample", 0)} for g in gens[:n]]
-    try:
-        gen = Generator(cfg, _device(), adapter=False)
-        done = {(r["id"], r["sample"]): r["completion"] for batch in gen.run(items) for r in batch}
-    except Exception as e:  # the report still renders without the comparison
-        log.warning("report: no base completions (%s)", e)
-        return
-    for g in gens[:n]:
-        g["base_completion"] = done.get((g["id"], g.get("sample", 0)), "")
-
-
-def _device():
-    import torch
-
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _held_out_texts(cfg: Config, limit: int = 200) -> list[str]:
@@ -223,17 +204,38 @@ def _section_speed(rows: list[dict]) -> list[str]:
     return md_table(["speed", "value"], table)
 
 
-def _section_config(cfg: Config) -> list[str]:
-    t, lo = cfg.train, cfg.lora
-    return ["## Run", ""] + md_table(["setting", "value"], [
-        ["model", f"`{cfg.model.name_or_path}`"],
-        ["LoRA", f"r={lo.r}, alpha={lo.alpha}, dropout={lo.dropout}, targets={lo.target_modules or 'architecture default'}"],
-        ["training", f"{t.max_steps} steps x {t.batch_size} x {t.max_length} tokens (grad accum {t.grad_accum}), "
-                     f"lr {t.learning_rate} {t.lr_scheduler}, precision {t.precision}, packing {t.packing}"],
-        ["data", f"`{cfg.data.source}` -> `{cfg.shards_url}`"],
-        ["evaluation", f"split `{cfg.eval.split}`, context {cfg.eval.context}, stride {cfg.eval.stride}"],
-        ["config fingerprint", f"`{cfg.fingerprint()}`"],
-    ])
+def _section_config(records: dict[str, dict | None], prep: dict | None, data_url: str) -> list[str]:
+    """The settings the stages ran with, from their records; where two stages disagree, said so."""
+    train, ev = records.get("train"), records.get("evaluate")
+    rows = []
+    ran = train or ev or records.get("generate")
+    if ran:
+        rows.append(["model", f"`{ran['config']['model']['name_or_path']}`"])
+    if train:
+        t, lo, r = train["config"]["train"], train["config"]["lora"], train["resolved"]
+        targets = lo["target_modules"] or r.get("lora_targets") or "architecture default"
+        rows += [["LoRA", f"r={lo['r']}, alpha={lo['alpha']}, dropout={lo['dropout']}, targets={targets}"],
+                 ["training", f"{t['max_steps']} steps x {t['batch_size']} x {t['max_length']} tokens (grad accum "
+                              f"{t['grad_accum']}) x {r.get('world_size', 1)} process(es), lr {t['learning_rate']} "
+                              f"{t['lr_scheduler']}, precision {r.get('precision', t['precision'])}, packing {t['packing']}"]]
+    else:
+        rows.append(["training", "no record (adapter/medgen_config.json): not trained, or trained before runs "
+                                 "recorded their settings"])
+    source = (prep or {}).get("source", "not recorded")
+    rows.append(["data", f"`{source}` -> `{data_url}`"])
+    if ev:
+        e, r = ev["config"]["eval"], ev["resolved"]
+        rows.append(["evaluation", f"split `{e['split']}`, context {r.get('context', e['context'])}, stride "
+                                   f"{r.get('stride', e['stride'])}, {r.get('world_size', 1)} process(es)"])
+    prints: dict[str, list[str]] = {}
+    for k, v in records.items():
+        if v:
+            prints.setdefault(v["fingerprint"], []).append(k)
+    rows += [[f"config fingerprint ({', '.join(stages)})", f"`{fp}`"] for fp, stages in prints.items()]
+    out = ["## Run", ""] + md_table(["setting", "value"], rows)
+    for problem in provenance.disagreements(records):
+        out += [f"**Note:** {problem}.", ""]
+    return out
 
 
 def _section_perplexity(metrics: dict) -> list[str]:
@@ -267,28 +269,41 @@ def _section_data(prep: dict) -> list[str]:
     return out
 
 
-def _section_generations(gens: list[dict], held_out: list[str]) -> list[str]:
+def _section_generations(gens: list[dict], base: dict[tuple, str], held_out: list[str], shown: int = 6) -> list[str]:
+    """The first ``shown`` completions (with the base model's beside them where generate wrote it), then text
+    statistics that compare like with like: base and tuned over the same prompts, held-out text cut to the
+    completions' length."""
     out = ["## Generations", ""]
-    has_base = any("base_completion" in g for g in gens)
-    for g in gens[:6]:
+    for g in gens[:shown]:
         out += [f"**{g['id']}** — _{g['prompt'].strip()}_", ""]
-        if "base_completion" in g:
-            out += md_table(["base", "tuned"], [[cell(g.get("base_completion", "")), cell(g["completion"])]])
+        if _gkey(g) in base:
+            out += md_table(["base", "tuned"], [[cell(base[_gkey(g)]), cell(g["completion"])]])
         else:
             out += [f"> {cell(g['completion'])}", ""]
+    paired = [g for g in gens if _gkey(g) in base]
+    rows = []
+    if paired:
+        rows.append([f"base model ({len(paired)} prompts)", *_stat_cells(text_stats([base[_gkey(g)] for g in paired]))])
+        rows.append([f"tuned, same prompts ({len(paired)})", *_stat_cells(text_stats([g["completion"] for g in paired]))])
     tuned = text_stats([g["completion"] for g in gens])
-    rows = [["tuned completions", *(_fmt(tuned.get(k)) for k in STAT_KEYS)]]
-    if has_base:
-        base = text_stats([g["base_completion"] for g in gens if "base_completion" in g])
-        rows.insert(0, ["base completions", *(_fmt(base.get(k)) for k in STAT_KEYS)])
+    if len(paired) < len(gens):
+        rows.append([f"tuned, all prompts ({len(gens)})", *_stat_cells(tuned)])
     if held_out and tuned:
         ref = text_stats(_snippets(held_out, max(5, int(tuned["mean_words"]))))
         if ref:
-            rows.append(["held-out articles (same length)", *(_fmt(ref.get(k)) for k in STAT_KEYS)])
-    out += ["Text statistics, means over texts (distinct-n = unique n-grams / n-grams; repetition = share of "
-            "4-grams already seen in the same text):", ""]
+            rows.append(["held-out articles (same length)", *_stat_cells(ref)])
+    out += [f"{min(shown, len(gens))} of {len(gens)} completions shown. Text statistics, means over texts "
+            "(distinct-n = unique n-grams / n-grams; repetition = share of 4-grams already seen in the same text):", ""]
     out += md_table(["text", *STAT_KEYS], rows)
     return out
+
+
+def _gkey(g: dict) -> tuple:
+    return g["id"], g.get("sample", 0)
+
+
+def _stat_cells(stats: dict) -> list[str]:
+    return [_fmt(stats.get(k)) for k in STAT_KEYS]
 
 
 STAT_KEYS = ["distinct_1", "distinct_2", "distinct_3", "repetition_4gram", "mean_words"]
@@ -302,7 +317,7 @@ def _section_provenance(metrics: dict | None, prep: dict | None) -> list[str]:
     import shlex
     import sys
 
-    rows = [["command", f"`{shlex.join(['medgen', *sys.argv[1:]])}`"]]
+    rows = [["report command", f"`{shlex.join(['medgen', *sys.argv[1:]])}`"]]
     rows += [[k, v] for k, v in versions().items()]
     if metrics:
         rows += [["model fingerprint", metrics.get("model_fingerprint", "")],
@@ -323,19 +338,23 @@ def run(cfg: Config) -> dict[str, Any]:
     final = cfg.layout.report
     with disk_errors(final, "the report", "the previous report, if any, is kept"), atomic.directory(final) as out:
         _write_report(cfg, out)
-    return {"report": str(final / "report.md"), "html": str(final / "report.html")}
+    return {"report": str(cfg.layout.report_file), "html": str(cfg.layout.report_html)}
 
 
 def _write_report(cfg: Config, out: Path) -> None:
-    prep = _prepare_report(cfg)
-    metrics = read_json(cfg.layout.metrics)
-    articles = read_jsonl(cfg.layout.eval_articles)
-    gens = read_jsonl(cfg.layout.generations_file)
-    lines = [f"# medgen report: {cfg.run.name}", ""]
+    layout = cfg.layout
+    records = {stage: provenance.read(layout, stage) for stage in ("train", "evaluate", "generate")}
+    # the data the run used: where evaluation (else training) read it, not where this command's config points
+    ran = provenance.config_of(records["evaluate"] or records["train"]) or cfg
+    prep = _prepare_report(ran)
+    metrics = read_json(layout.metrics)
+    articles = read_jsonl(layout.eval_articles)
+    gens = read_jsonl(layout.generations_file)
+    lines = [f"# medgen report: {ran.run.name}", ""]
     if metrics and "tuned" in metrics:
         lines += [f"**Tuned perplexity {metrics['tuned']['perplexity']:.2f} vs base {metrics['base']['perplexity']:.2f}** "
                   f"({metrics['delta']['ratio']:.3f}x) on {metrics['base']['articles']} held-out articles.", ""]
-    lines += _section_config(cfg)
+    lines += _section_config(records, prep, ran.shards_url)
     if metrics:
         lines += _section_perplexity(metrics)
         for fn, name, title in ((plot_per_tag, "per_tag.png", "perplexity by tag"),
@@ -343,20 +362,20 @@ def _write_report(cfg: Config, out: Path) -> None:
             png = fn(metrics, out / name) if fn is plot_per_tag else fn(articles, out / name)
             if png:
                 lines += [f"![{title}]({png})", ""]
-    train_log = read_jsonl(cfg.layout.train_log)
+    train_log = read_jsonl(layout.train_log)
     png = plot_training(train_log, out / "training.png")
     if png:
         lines += ["## Training", ""] + _section_speed(train_log) + [f"![training curves]({png})", ""]
     if prep:
         lines += _section_data(prep)
     if gens:
-        if metrics and metrics.get("adapter_fingerprint"):
-            _base_completions(cfg, gens)
-        lines += _section_generations(gens, _held_out_texts(cfg))
+        base = {_gkey(g): g["completion"] for g in read_jsonl(layout.base_generations_file)}
+        lines += _section_generations(gens, base, _held_out_texts(ran))
     lines += _section_provenance(metrics, prep)
     md = "\n".join(lines)
-    (out / "report.md").write_text(md, encoding="utf-8")
-    (out / "report.html").write_text(to_html(md, out), encoding="utf-8")
+    (out / layout.report_file.name).write_text(md, encoding="utf-8")
+    (out / layout.report_html.name).write_text(to_html(md, out), encoding="utf-8")
+    provenance.write(cfg, "report", out)
 
 
 def to_html(md: str, img_dir: Path) -> str:

@@ -21,10 +21,8 @@ import yaml
 from medgen import atomic, config
 from medgen.config import Config
 from medgen.errors import ConfigError, UserError
-from medgen.layout import RunLayout
+from medgen.layout import RunLayout, SweepLayout
 
-MANIFEST = "sweep.json"
-LOCAL_STATUS = "local.json"  # a local sweep's outcome per point and stage
 POINT_STAGES = ("train", "evaluate", "generate", "report")  # what each point runs; prepare runs once
 FIXED = ("run.", "data.", "slurm.", "sweep.")  # shared by every point: the grid may not vary them
 MAX_NAME = 120
@@ -152,33 +150,23 @@ def points(base: Config) -> list[Point]:
 # --------------------------------------------------------------------------- the manifest
 
 
-def manifest_path(sweep_dir: str | Path) -> Path:
-    return Path(sweep_dir) / MANIFEST
-
-
 def write_manifest(base: Config, pts: list[Point]) -> dict[str, Any]:
     """sweep.json: the grid, the shards and every point (index, name, settings, run dir)."""
     info = {"grid": flat_grid(base.sweep.grid), "shards": base.shards_url, "name": base.run.name,
             "points": [{"index": p.index, "name": p.name, "settings": p.settings, "run_dir": p.cfg.run.dir}
                        for p in pts]}
-    path = manifest_path(base.run.dir)
+    path = SweepLayout(Path(base.run.dir)).manifest
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic.write_text(path, json.dumps(info, indent=2, default=str))
     return info
 
 
 def read_manifest(sweep_dir: str | Path) -> dict[str, Any]:
-    path = manifest_path(sweep_dir)
+    path = SweepLayout(Path(sweep_dir)).manifest
     if not path.exists():
         raise UserError(f"{path} not found: {sweep_dir} is not a sweep directory (medgen sweep --config C --grid ...)")
     return json.loads(path.read_text(encoding="utf-8"))
 
 
 def is_sweep(run_dir: str | Path) -> bool:
-    return manifest_path(run_dir).exists()
-
-
-def done_stages(layout: RunLayout) -> dict[str, bool]:
-    """Which stages of a point left their output: what the report shows when a job could not say itself."""
-    return {"train": (layout.adapter / "adapter_config.json").exists(), "evaluate": layout.metrics.exists(),
-            "generate": layout.generations_file.exists(), "report": (layout.report / "report.md").exists()}
+    return SweepLayout(Path(run_dir)).manifest.exists()

@@ -57,7 +57,9 @@ def peak_memory_gb(device: torch.device) -> float:
 
 def per_rank(value: float, device: torch.device) -> list[float]:
     """``value`` of every rank, in rank order (a collective: every rank must call it)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    from medgen.dist import is_distributed
+
+    if not is_distributed():
         return [value]
     out = [torch.zeros(1, dtype=torch.float64, device=device) for _ in range(torch.distributed.get_world_size())]
     torch.distributed.all_gather(out, torch.tensor([value], dtype=torch.float64, device=device))

@@ -12,18 +12,18 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from transformers import TrainerCallback
 from trl import SFTTrainer
 
-from medgen import atomic, models, throughput
+from medgen import atomic, dist, models, provenance, throughput, train_args
 from medgen.checkpoint import Checkpoints
 from medgen.config import Config
 from medgen.data import shards, storage
@@ -51,77 +51,21 @@ def resolve_precision(precision: str) -> str:
     return "bf16" if cpu_has_fast_bf16() else "fp32"
 
 
-def deepspeed_requested(t) -> bool:
-    """train.deepspeed, or a DeepSpeed preset of ``accelerate launch`` (it sets ACCELERATE_USE_DEEPSPEED)."""
-    from accelerate.utils import parse_flag_from_env
-
-    return bool(t.deepspeed) or parse_flag_from_env("ACCELERATE_USE_DEEPSPEED")
-
-
-def deepspeed_cpu_state() -> None:
-    """Start accelerate's shared state for DeepSpeed on a machine without GPUs, with gloo.
-
-    accelerate's CPU mode (use_cpu, ACCELERATE_USE_CPU) switches DeepSpeed off without a word and trains
-    plain DDP; without it, accelerate finds no backend on a CPU-only machine and every rank believes it is
-    alone. So: DeepSpeed's comm on gloo first, and the Trainer reuses this state (use_configured_state)."""
-    from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
-
-    if parse_flag_from_env("ACCELERATE_USE_CPU"):
-        raise UserError("DeepSpeed does not run with ACCELERATE_USE_CPU set (accelerate would train plain DDP "
-                        "instead); unset it: without a GPU medgen runs DeepSpeed on the CPU itself")
-    if "LOCAL_RANK" not in os.environ:  # gloo needs the process group a launcher describes
-        raise UserError("DeepSpeed on CPU: start medgen with torchrun or accelerate launch")
-    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
-    state = PartialState(backend="gloo")
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if state.num_processes != launched:
-        raise RuntimeError(f"launched as {launched} processes but accelerate sees {state.num_processes}")
-
-
 def sft_config(cfg: Config, precision: str):
+    """SFTConfig: what medgen sets itself (medgen/train_args.py, refused in train.sft_args), defaults a user may
+    change through train.sft_args, then train.sft_args. Starts the distributed state first (medgen/dist.py)."""
     from trl import SFTConfig
 
-    t = cfg.train
-    cpu = not torch.cuda.is_available()
-    deepspeed = deepspeed_requested(t)
-    if cpu and deepspeed:
-        deepspeed_cpu_state()
+    deepspeed = dist.deepspeed_requested(cfg.train.deepspeed)
+    dist.init_distributed(deepspeed=deepspeed)
+    resolved = train_args.Resolved(precision=precision, cpu=not torch.cuda.is_available(), deepspeed=deepspeed)
     args: dict[str, Any] = dict(
-        output_dir=str(cfg.layout.checkpoints),
-        max_steps=t.max_steps,
-        per_device_train_batch_size=t.batch_size,
-        gradient_accumulation_steps=t.grad_accum,
-        learning_rate=t.learning_rate,
-        lr_scheduler_type=t.lr_scheduler,
-        warmup_steps=t.warmup_steps,
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
-        seed=t.seed,
-        data_seed=t.seed,
-        # SFTConfig's own defaults (bf16=True, gradient_checkpointing=True, lr 2e-5) are overridden on purpose
-        bf16=precision == "bf16",
-        fp16=precision == "fp16",
-        use_cpu=cpu and not deepspeed,  # accelerate's CPU mode would drop DeepSpeed (deepspeed_cpu_state)
-        gradient_checkpointing=t.gradient_checkpointing,
-        logging_steps=t.logging_steps,
-        report_to="none",  # TensorBoard is medgen's own callback, writing to <run.dir>/tensorboard (build_trainer)
-        save_strategy="steps" if t.save_steps else "no",
-        save_steps=t.save_steps or t.max_steps,
-        save_total_limit=None,  # medgen keeps the last train.keep_checkpoints complete ones itself
-        ignore_data_skip=True,  # the stream restores its own position; never replay batches
-        max_length=t.max_length,
-        packing=False,  # blocks are packed by medgen's stream
-        dataset_kwargs={"skip_prepare_dataset": True},
+        report_to="none",  # TensorBoard is medgen's own callback, writing to <run.dir>/tensorboard (_tensorboard)
         ddp_find_unused_parameters=False,
-        dataloader_num_workers=0,
         disable_tqdm=False,
     )
-    if t.deepspeed:
-        args["deepspeed"] = t.deepspeed
-    if cpu and deepspeed:
-        args["accelerator_config"] = {"use_configured_state": True}
-    args.update(t.sft_args)
+    args.update(train_args.managed(cfg, resolved))
+    args.update(cfg.train.sft_args)
     return SFTConfig(**args)
 
 
@@ -174,24 +118,29 @@ class RecordingCollator:
         return out
 
 
-class StepBoundary(TrainerCallback):
-    """Per step: the sample log, signal flags (all-reduced, so every rank stops at the same step), the data
-    streams' positions into each checkpoint and its commit, throughput into the logs and train_log.jsonl."""
+class SampleLog(TrainerCallback):
+    """Which blocks every step trained on, per rank (<run.dir>/samples/rank-N.jsonl): what the exact-resume
+    and data-stream tests compare."""
 
-    def __init__(self, layout: RunLayout, stream: PackedStream, collator: RecordingCollator, signals: Signals,
-                 checkpoints: Checkpoints, tokens_per_step: int, flops_per_token: float, peak_flops: float | None):
-        self.layout, self.stream, self.collator, self.signals = layout, stream, collator, signals
-        self.checkpoints, self.tokens_per_step = checkpoints, tokens_per_step
-        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
-        self.preempted = False
-        self.t_last, self.step_last = time.time(), None
+    def __init__(self, layout: RunLayout, collator: RecordingCollator):
+        self.layout, self.collator = layout, collator
 
     def on_step_end(self, args, state, control, **kw):
         self.layout.samples.mkdir(parents=True, exist_ok=True)
         with open(self.layout.samples_of(args.process_index), "a") as f:
             f.write(json.dumps({"step": state.global_step, "samples": self.collator.take()}) + "\n")
+
+
+class StopOnSignal(TrainerCallback):
+    """The signal flags, all-reduced at every step boundary, so every rank saves and stops at the same step."""
+
+    def __init__(self, signals: Signals):
+        self.signals = signals
+        self.preempted = False
+
+    def on_step_end(self, args, state, control, **kw):
         flags = torch.tensor([self.signals.preempt, self.signals.save_now], dtype=torch.int32)
-        if _distributed():
+        if dist.is_distributed():
             flags = flags.to(args.device)
             torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
         preempt, save_now = bool(flags[0]), bool(flags[1])
@@ -206,41 +155,61 @@ class StepBoundary(TrainerCallback):
             self.preempted = True
         return control
 
+
+class CommitCheckpoint(TrainerCallback):
+    """After the Trainer saved checkpoint-N: every rank adds its data streams' positions, then rank 0 commits it
+    as step-N once all have (medgen/checkpoint.py)."""
+
+    def __init__(self, checkpoints: Checkpoints, stream: PackedStream):
+        self.checkpoints, self.stream = checkpoints, stream
+
     def on_save(self, args, state, control, **kw):
         self.checkpoints.add_stream_state(state.global_step, args.process_index, self.stream.state_dict())
-        if _distributed():
-            torch.distributed.barrier()
+        dist.barrier()
         if state.is_world_process_zero:
             log.info("checkpoint %s saved", self.checkpoints.commit(state.global_step, args.world_size))
-        if _distributed():
-            torch.distributed.barrier()
+        dist.barrier()
+
+
+class Throughput(TrainerCallback):
+    """tokens/s, MFU where the device's peak is known, and the peak memory of every rank, added to the step's
+    logs (TensorBoard and the train log, added after this callback, see them). Every rank gets here: the peak
+    memory is gathered, a collective."""
+
+    def __init__(self, tokens_per_step: int, flops_per_token: float, peak_flops: float | None):
+        self.tokens_per_step, self.flops_per_token, self.peak_flops = tokens_per_step, flops_per_token, peak_flops
+        self.t_last, self.step_last = time.time(), None
+        self.memory_per_rank: list[float] = []  # of the step just logged
 
     def on_log(self, args, state, control, logs=None, **kw):
-        """Adds throughput to the step's logs (TensorBoard, added after this callback, sees them too) and
-        writes train_log.jsonl. Every rank gets here: the peak memory of each is gathered."""
-        if not logs:
+        self.memory_per_rank = []
+        if not logs or "loss" not in logs:
             return
-        memory = throughput.per_rank(throughput.peak_memory_gb(args.device), args.device) if "loss" in logs else []
+        self.memory_per_rank = throughput.per_rank(throughput.peak_memory_gb(args.device), args.device)
         now = time.time()
-        if memory:
-            logs["peak_memory_gb"] = round(max(memory), 3)
-            if self.step_last is not None and state.global_step > self.step_last:
-                tps = (state.global_step - self.step_last) * self.tokens_per_step / (now - self.t_last)
-                logs["tokens_per_s"] = round(tps, 1)
-                if self.peak_flops:
-                    logs["mfu"] = round(tps * self.flops_per_token / self.peak_flops, 4)
-            self.t_last, self.step_last = now, state.global_step
-        if not state.is_world_process_zero:
+        logs["peak_memory_gb"] = round(max(self.memory_per_rank), 3)
+        if self.step_last is not None and state.global_step > self.step_last:
+            tps = (state.global_step - self.step_last) * self.tokens_per_step / (now - self.t_last)
+            logs["tokens_per_s"] = round(tps, 1)
+            if self.peak_flops:
+                logs["mfu"] = round(tps * self.flops_per_token / self.peak_flops, 4)
+        self.t_last, self.step_last = now, state.global_step
+
+
+class TrainLog(TrainerCallback):
+    """Every logged step as one line of <run.dir>/train_log.jsonl (rank 0), with each rank's peak memory."""
+
+    def __init__(self, layout: RunLayout, speed: Throughput):
+        self.layout, self.speed = layout, speed
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if not logs or not state.is_world_process_zero:
             return
-        rec = {"step": state.global_step, "time": round(now, 3), **logs}
-        if memory:
-            rec["peak_memory_gb_per_rank"] = [round(m, 3) for m in memory]
+        rec = {"step": state.global_step, "time": round(time.time(), 3), **logs}
+        if self.speed.memory_per_rank:
+            rec["peak_memory_gb_per_rank"] = [round(m, 3) for m in self.speed.memory_per_rank]
         with open(self.layout.train_log, "a") as f:
             f.write(json.dumps(rec) + "\n")
-
-
-def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 # --------------------------------------------------------------------------- logs on resume
@@ -290,7 +259,20 @@ class MedgenSFTTrainer(SFTTrainer):
         return super().create_optimizer(model)
 
 
-def build_trainer(cfg: Config):
+@dataclass
+class TrainSetup:
+    """Everything ``run`` needs from start-up: the trainer and what it was built from."""
+
+    trainer: MedgenSFTTrainer
+    stream: PackedStream
+    collator: RecordingCollator
+    tokenizer: Any
+    precision: str  # resolved: bf16 | fp16 | fp32
+    targets: list[str] | str  # the LoRA target modules
+    streams: int  # data streams (train.data_streams, or the number of processes)
+
+
+def build_trainer(cfg: Config) -> TrainSetup:
     from peft import LoraConfig
 
     t = cfg.train
@@ -325,9 +307,9 @@ def build_trainer(cfg: Config):
     trainer = MedgenSFTTrainer(model=model, args=args, train_dataset=as_hf_iterable(dataset), processing_class=tok,
                                peft_config=peft_config, data_collator=collator, stream=dataset,
                                loraplus_ratio=t.loraplus_lr_ratio)
-    if deepspeed_requested(t) and not trainer.is_deepspeed_enabled:  # never train plain DDP in its place
+    if dist.deepspeed_requested(t.deepspeed) and not trainer.is_deepspeed_enabled:  # never plain DDP in its place
         raise UserError("train: DeepSpeed was asked for, but accelerate set up training without it")
-    return trainer, dataset, collator, dict(precision=precision, targets=targets, streams=streams, tok=tok)
+    return TrainSetup(trainer, dataset, collator, tok, precision, targets, streams)
 
 
 def _tensorboard(cfg: Config, args) -> list:
@@ -362,50 +344,74 @@ def loraplus_optimizer(trainer, model, ratio: float) -> torch.optim.Optimizer:
 
 def run(cfg: Config) -> dict[str, Any]:
     t = cfg.train
-    run_dir = Path(cfg.run.dir)
-    trainer, dataset, collator, info = build_trainer(cfg)
-    args = trainer.args
-    tokens_per_step = t.batch_size * t.grad_accum * t.max_length * args.world_size
-    signals = Signals()
-    speed = throughput.flops_per_token(trainer.model, t.max_length)
+    setup = build_trainer(cfg)
+    trainer, args = setup.trainer, setup.trainer.args
     checkpoints = Checkpoints(Path(args.output_dir), t.keep_checkpoints)
-    step_cb = StepBoundary(cfg.layout, dataset, collator, signals, checkpoints, tokens_per_step, speed,
-                           throughput.device_peak(args.device, info["precision"]))
-    trainer.add_callback(step_cb)
-    for tb in _tensorboard(cfg, args):  # after step_cb: it sees the throughput step_cb adds to the logs
-        trainer.add_callback(tb)
+    signals = Signals()
+    stop = _add_callbacks(cfg, setup, checkpoints, signals)
+    resume = _resume(cfg, setup, checkpoints)
+    signals.install()
+    try:
+        result = _train(trainer, resume, Path(cfg.run.dir), checkpoints)
+    finally:
+        signals.uninstall()
+    if stop.preempted:
+        raise Preempted(f"train: stopped by a signal ({signals.received or 'sent to another rank'}) at step "
+                        f"{trainer.state.global_step}; "
+                        f"checkpoint saved in {checkpoints.directory}; rerun the same command to resume")
+    adapter_dir = cfg.layout.adapter
+    _save_atomic(trainer, adapter_dir, lambda tmp: provenance.write(
+        cfg, "train", tmp, precision=setup.precision, world_size=args.world_size, data_streams=setup.streams,
+        lora_targets=setup.targets, tokens_per_step=_tokens_per_step(cfg, args.world_size),
+        tokenizer_fingerprint=models.tokenizer_fingerprint(setup.tokenizer),
+        adapter_fingerprint=models.adapter_fingerprint(tmp), steps=result.global_step))
+    if t.merge and trainer.is_world_process_zero():
+        _save_merged(cfg, adapter_dir, setup.tokenizer, cfg.layout.merged)
+    trainer.accelerator.wait_for_everyone()
+    return {"train_loss": result.training_loss, "steps": result.global_step, "precision": setup.precision,
+            "adapter": str(adapter_dir)}
+
+
+def _tokens_per_step(cfg: Config, world_size: int) -> int:
+    t = cfg.train
+    return t.batch_size * t.grad_accum * t.max_length * world_size
+
+
+def _add_callbacks(cfg: Config, setup: TrainSetup, checkpoints: Checkpoints, signals: Signals) -> StopOnSignal:
+    """medgen's callbacks, one job each, in the order they must run; returns the one that knows of a stop."""
+    trainer, args = setup.trainer, setup.trainer.args
+    stop = StopOnSignal(signals)
+    rate = Throughput(_tokens_per_step(cfg, args.world_size), throughput.flops_per_token(trainer.model, cfg.train.max_length),
+                      throughput.device_peak(args.device, setup.precision))
+    # the train log and TensorBoard after Throughput: they see what it adds to the logs
+    for cb in (SampleLog(cfg.layout, setup.collator), stop, CommitCheckpoint(checkpoints, setup.stream), rate,
+               TrainLog(cfg.layout, rate), *_tensorboard(cfg, args)):
+        trainer.add_callback(cb)
+    return stop
+
+
+def _resume(cfg: Config, setup: TrainSetup, checkpoints: Checkpoints) -> Path | None:
+    """The newest complete checkpoint (None: a fresh start): the streams' positions restored from it, the logs
+    cut back to its step, a partial checkpoint of a killed run removed."""
+    t, trainer, stream = cfg.train, setup.trainer, setup.stream
+    args = trainer.args
     resume = checkpoints.newest()
     if resume:
-        dataset.load_state_dict(checkpoints.stream_state(resume, dataset.num_streams, dataset.stream_ids,
-                                                         args.world_size))
+        stream.load_state_dict(checkpoints.stream_state(resume, stream.num_streams, stream.stream_ids,
+                                                        args.world_size))
     resumed_step = checkpoints.step(resume) if resume else 0
     trainer.finished = resumed_step >= t.max_steps
     _truncate_log(cfg.layout.samples_of(args.process_index), resumed_step)
     if trainer.is_world_process_zero():
         _truncate_log(cfg.layout.train_log, resumed_step)
-    if trainer.is_world_process_zero():
-        run_dir.mkdir(parents=True, exist_ok=True)
+        Path(cfg.run.dir).mkdir(parents=True, exist_ok=True)
         checkpoints.remove_partial()
         log.info("train: %s + LoRA r=%d on %s, %s, %d steps x %d tokens, %d processes, %d data streams, "
-                 "%.0f MFLOP per token%s", cfg.model.name_or_path, cfg.lora.r, info["targets"], info["precision"],
-                 t.max_steps, tokens_per_step, args.world_size, info["streams"], speed / 1e6,
+                 "%.0f MFLOP per token%s", cfg.model.name_or_path, cfg.lora.r, setup.targets, setup.precision,
+                 t.max_steps, _tokens_per_step(cfg, args.world_size), args.world_size, setup.streams,
+                 throughput.flops_per_token(trainer.model, t.max_length) / 1e6,
                  f", resuming from {resume}" if resume else "")
-    signals.install()
-    try:
-        result = _train(trainer, resume, run_dir, checkpoints)
-    finally:
-        signals.uninstall()
-    if step_cb.preempted:
-        raise Preempted(f"train: stopped by a signal ({signals.received or 'sent to another rank'}) at step "
-                        f"{trainer.state.global_step}; "
-                        f"checkpoint saved in {checkpoints.directory}; rerun the same command to resume")
-    adapter_dir = cfg.layout.adapter
-    _save_atomic(trainer, adapter_dir)
-    if t.merge and trainer.is_world_process_zero():
-        _save_merged(cfg, adapter_dir, info["tok"], cfg.layout.merged)
-    trainer.accelerator.wait_for_everyone()
-    return {"train_loss": result.training_loss, "steps": result.global_step, "precision": info["precision"],
-            "adapter": str(adapter_dir)}
+    return resume
 
 
 def _train(trainer, resume: Path | None, run_dir: Path, checkpoints: Checkpoints):
@@ -425,8 +431,9 @@ def _train(trainer, resume: Path | None, run_dir: Path, checkpoints: Checkpoints
         raise storage.no_space(where, "a checkpoint" if where == partial else "the training logs", kept) from None
 
 
-def _save_atomic(trainer, target: Path) -> None:
-    """All ranks take part (ZeRO-3 gathers the adapter); rank 0 puts the finished directory in place."""
+def _save_atomic(trainer, target: Path, add: Callable[[Path], Any]) -> None:
+    """All ranks take part (ZeRO-3 gathers the adapter); rank 0 adds its record (``add``) and puts the finished
+    directory in place."""
     tmp = target.with_name(f".{target.name}.tmp")  # one name all ranks know
     rank0 = trainer.is_world_process_zero()
     with storage.disk_errors(target, "the adapter", "the previous adapter, if any, is kept"):
@@ -439,6 +446,7 @@ def _save_atomic(trainer, target: Path) -> None:
             if rank0:
                 for extra in ("training_args.bin", "README.md"):
                     (tmp / extra).unlink(missing_ok=True)
+                add(tmp)
                 atomic.commit_dir(tmp, target)
         finally:
             if rank0:

@@ -6,17 +6,14 @@ import csv
 import glob
 import hashlib
 import io
-import os
 import logging
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterator
 
-import fsspec
-import pandas as pd
-
 from medgen.data.retry import RETRY_SECONDS, retrying
-from medgen.data.storage import first_line, fs_options, redact, storage_errors
+from medgen.data.storage import first_line, is_glob, is_local, local_path, redact, storage_errors, url_to_fs
 from medgen.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -73,15 +70,29 @@ class HashingReader(io.RawIOBase):
 
 
 def open_source(url: str, storage_options: dict, retry_seconds: float = RETRY_SECONDS) -> HashingReader:
+    fs, path = url_to_fs("data.source", url, storage_options)
+
     def reopen():
-        return fsspec.open(url, "rb", **fs_options(url, storage_options)).open()
+        return fs.open(path, "rb")
 
     with storage_errors("data.source", url):
         return HashingReader(retrying(reopen, "data.source", url, retry_seconds), reopen, url, retry_seconds)
 
 
-def is_glob(url: str) -> bool:
-    return any(ch in url for ch in "*?[")
+def check_sources(source: str | list[str]) -> list[str]:
+    """data.source problems found without reading anything: local files and globs that are not there (object-store
+    URLs are reached before any work starts, medgen/preflight.py)."""
+    p = []
+    for url in [source] if isinstance(source, str) else source:
+        if not is_local(url):
+            continue
+        path = local_path(url)
+        if is_glob(path):
+            if not any(os.path.isfile(f) for f in glob.glob(path)):
+                p.append(f"data.source: no file matches {url}")
+        elif not os.path.isfile(path):
+            p.append(f"data.source: file not found: {url}")
+    return p
 
 
 def source_urls(source: str | list[str], storage_options: dict, retry_seconds: float = RETRY_SECONDS) -> list[str]:
@@ -98,8 +109,8 @@ def _expand(pattern: str, storage_options: dict, retry_seconds: float) -> list[s
     if "://" not in pattern:  # a local pattern gives paths as written (relative stays relative)
         found = sorted(p for p in glob.glob(pattern) if os.path.isfile(p))
     else:
+        fs, path = url_to_fs("data.source", pattern, storage_options)
         with storage_errors("data.source", pattern):
-            fs, path = fsspec.core.url_to_fs(pattern, **fs_options(pattern, storage_options))
             found = [fs.unstrip_protocol(p) for p in sorted(retrying(lambda: fs.glob(path), "data.source", pattern,
                                                                          retry_seconds))]
     if not found:
@@ -238,6 +249,8 @@ def parse_timestamp(value: str) -> str | None:
         return ""
     if len(value) > MAX_TIMESTAMP_CHARS:  # pandas' parser is quadratic in the length (100k chars: 0.6 s)
         return None
+    import pandas as pd  # here, not at the top: validating a config reads this module and needs no pandas
+
     try:
         ts = pd.Timestamp(value.strip())
     except (ValueError, TypeError, OverflowError):

@@ -6,7 +6,6 @@ so a reader that trusts only the manifest never sees missing or partial shards.
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
@@ -21,9 +20,10 @@ import pyarrow.parquet as pq
 
 from medgen import atomic
 from medgen.data.retry import RETRY_SECONDS, retrying
-from medgen.data.storage import first_line, fs_options, redact, storage_error, storage_errors
+from medgen.data.storage import redact, storage_error, storage_errors, url_to_fs
 from medgen.data.split import SPLITS
 from medgen.errors import UserError
+from medgen.layout import RECORD  # the record of the config prepare ran with (medgen/provenance.py)
 
 MANIFEST = "manifest.json"
 REPORT = "prepare_report.json"
@@ -42,18 +42,7 @@ SCHEMA = pa.schema([
 
 
 def filesystem(url: str, storage_options: dict) -> tuple[fsspec.AbstractFileSystem, str]:
-    try:
-        return fsspec.core.url_to_fs(url, **fs_options(url, storage_options))
-    except (ValueError, ImportError) as e:
-        raise UserError(f"cannot use {redact(url)}: {first_line(e)}") from None
-
-
-def _storage_errors(method):
-    @functools.wraps(method)
-    def wrapper(self, *args, **kwargs):
-        with storage_errors("data.shards", self.url, writing=True):
-            return method(self, *args, **kwargs)
-    return wrapper
+    return url_to_fs("data.shards", url, storage_options)
 
 
 class _HashingWriter:
@@ -99,40 +88,41 @@ class ShardWriter:
         self.stats: dict[tuple[str, int], dict[str, int]] = {}
         self._preflight()
 
-    @_storage_errors
     def _preflight(self) -> None:
         """Fail now, not after hours of work, when the destination cannot be written; never create a bucket
         (s3fs's makedirs would), so object stores get a probe write before any makedirs."""
         if self.local:
-            self.fs.makedirs(self.tmp, exist_ok=True)
-        self._retry(lambda: self.fs.pipe(posixpath.join(self.tmp, ".probe"), b""))
+            self._store(lambda: self.fs.makedirs(self.tmp, exist_ok=True), retry=False)
+        self._store(lambda: self.fs.pipe(posixpath.join(self.tmp, ".probe"), b""))
 
-    def _retry(self, fn):
-        return retrying(fn, "data.shards", self.url, self.retry_seconds)
+    def _store(self, fn, retry: bool = True):
+        """``fn()``, a call that touches the destination: outages retried (medgen/data/retry.py), storage
+        failures mapped to one line naming data.shards."""
+        with storage_errors("data.shards", self.url, writing=True):
+            return retrying(fn, "data.shards", self.url, self.retry_seconds) if retry else fn()
 
     def _open(self, key: tuple[str, int]) -> None:
         """A Parquet writer for the shard: into its final temp path (local) or a local staging file."""
         rel = self.relpath(*key, self.num_shards)
         if self.local:
             path = posixpath.join(self.tmp, rel)
-            self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
-            f = self.fs.open(path, "wb")
+            self._store(lambda: self.fs.makedirs(posixpath.dirname(path), exist_ok=True), retry=False)
+            f = self._store(lambda: self.fs.open(path, "wb"), retry=False)
         else:
-            f = open(posixpath.join(self.staging.name, rel.replace("/", "-")), "wb")
+            f = self._store(lambda: open(posixpath.join(self.staging.name, rel.replace("/", "-")), "wb"), retry=False)
         hw = _HashingWriter(f)
         self.writers[key] = (pq.ParquetWriter(hw, SCHEMA, compression="zstd"), hw)
 
     def _upload(self, key: tuple[str, int]) -> None:
         rel = self.relpath(*key, self.num_shards)
         local = posixpath.join(self.staging.name, rel.replace("/", "-"))
-        self._retry(lambda: self.fs.put_file(local, posixpath.join(self.tmp, rel)))
+        self._store(lambda: self.fs.put_file(local, posixpath.join(self.tmp, rel)))
         os.remove(local)
 
     @staticmethod
     def relpath(split: str, shard: int, num_shards: int) -> str:
         return f"{split}/part-{shard:05d}-of-{num_shards:05d}.parquet"
 
-    @_storage_errors
     def add(self, split: str, shard: int, row: dict) -> None:
         key = (split, shard)
         buf = self.buffers.setdefault(key, [])
@@ -149,10 +139,10 @@ class ShardWriter:
             return
         if key not in self.writers:
             self._open(key)
-        self.writers[key][0].write_table(pa.Table.from_pylist(rows, schema=SCHEMA))
+        table = pa.Table.from_pylist(rows, schema=SCHEMA)
+        self._store(lambda: self.writers[key][0].write_table(table), retry=False)
         self.buffers[key] = []
 
-    @_storage_errors
     def finish(self) -> dict[str, Any]:
         """Close every shard (empty ones too, so each split has exactly num_shards files); return their entries."""
         for split in SPLITS:
@@ -164,8 +154,8 @@ class ShardWriter:
                 self._flush(key)
         splits: dict[str, Any] = {s: {"articles": 0, "tokens": 0, "shards": []} for s in SPLITS}
         for (split, shard), (writer, hw) in sorted(self.writers.items()):
-            writer.close()
-            hw.close()
+            self._store(writer.close, retry=False)
+            self._store(hw.close, retry=False)
             if not self.local:
                 self._upload((split, shard))
             st = self.stats.get((split, shard), {"rows": 0, "tokens": 0})
@@ -177,25 +167,25 @@ class ShardWriter:
             splits[split]["tokens"] += st["tokens"]
         return splits
 
-    @_storage_errors
-    def publish(self, manifest: dict[str, Any], report: dict[str, Any]) -> None:
-        """Move the shards into place, then write the report and (last) the manifest."""
+    def publish(self, manifest: dict[str, Any], report: dict[str, Any], record: dict[str, Any]) -> None:
+        """Move the shards into place, then write the report, the record of the config prepare ran with and
+        (last) the manifest."""
         fs, root = self.fs, self.root
         manifest_path = posixpath.join(root, MANIFEST)
-        self._retry(lambda: _rm_if_exists(fs, manifest_path))  # from here on no manifest points at shards being replaced
+        self._store(lambda: _rm_if_exists(fs, manifest_path))  # from here on no manifest points at shards being replaced
         for split in SPLITS:
             final_dir = posixpath.join(root, split)
-            self._retry(lambda: _rm_if_exists(fs, final_dir, recursive=True))
+            self._store(lambda: _rm_if_exists(fs, final_dir, recursive=True))
             for entry in manifest["splits"][split]["shards"]:
                 src, dst = posixpath.join(self.tmp, entry["path"]), posixpath.join(root, entry["path"])
                 if self.local:
-                    fs.makedirs(final_dir, exist_ok=True)
-                    fs.mv(src, dst)
+                    self._store(lambda: (fs.makedirs(final_dir, exist_ok=True), fs.mv(src, dst)), retry=False)
                 else:  # a copy can be repeated; the temp prefix is removed below
-                    self._retry(lambda: fs.copy(src, dst))
+                    self._store(lambda: fs.copy(src, dst))
         self.abort()
-        self._retry(lambda: atomic.write_text(posixpath.join(root, REPORT), json.dumps(report, indent=2), fs))
-        self._retry(lambda: atomic.write_text(manifest_path, json.dumps(manifest, indent=2), fs))
+        self._store(lambda: atomic.write_text(posixpath.join(root, REPORT), json.dumps(report, indent=2), fs))
+        self._store(lambda: atomic.write_text(posixpath.join(root, RECORD), json.dumps(record, indent=2), fs))
+        self._store(lambda: atomic.write_text(manifest_path, json.dumps(manifest, indent=2), fs))
 
     def abort(self) -> None:
         """Best effort: close and delete the temporary shards (a failure here must not hide the first one)."""
@@ -261,7 +251,7 @@ def open_shard(ref: ShardRef, storage_options: dict, retry_seconds: float = RETR
     or extended file, or another valid shard copied over it is a one-line UserError (exit 2).
     The whole shard is held in memory while it is read (its compressed size); an outage retries the read.
     """
-    fs, path = filesystem(ref.url, storage_options)
+    fs, path = url_to_fs("data.shards", ref.url, storage_options)
     with storage_errors("data.shards", ref.url):
         data = retrying(lambda: fs.cat_file(path), "data.shards", ref.url, retry_seconds)
     digest = hashlib.sha256(data).hexdigest() if len(data) == ref.bytes else None

@@ -10,7 +10,7 @@ import errno
 import os
 import re
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from medgen.errors import UserError
 
@@ -30,6 +30,20 @@ def fs_options(url: str, storage_options: dict) -> dict:
         return storage_options
     config = {**S3_CLIENT_DEFAULTS, **storage_options.get("config_kwargs", {})}
     return {**storage_options, "config_kwargs": config}
+
+
+def is_local(url: str) -> bool:
+    """A path on this machine (no scheme, or file://), which validation can check at once."""
+    return "://" not in url or url.startswith("file://")
+
+
+def local_path(url: str) -> str:
+    return url[len("file://"):] if url.startswith("file://") else url
+
+
+def is_glob(url: str) -> bool:
+    """Whether a data.source entry is a pattern (``*``, ``?``, ``[...]``) rather than one file."""
+    return any(ch in url for ch in "*?[")
 
 
 def redact(url: str) -> str:
@@ -66,6 +80,17 @@ def storage_error(e: Exception, key: str, url: str) -> Exception:
     return UserError(f"{key}: {redact(url)}: {remedy}")
 
 
+def url_to_fs(key: str, url: str, storage_options: dict) -> tuple[Any, str]:
+    """fsspec's filesystem and path for ``url``; an unknown protocol, a missing filesystem package or bad
+    options is one line naming ``key`` (mapped here, where it happens, not around whole blocks of work)."""
+    import fsspec
+
+    try:
+        return fsspec.core.url_to_fs(url, **fs_options(url, storage_options))
+    except (ValueError, ImportError, TypeError) as e:
+        raise UserError(f"{key}: cannot use {redact(url)}: {first_line(e)}") from None
+
+
 @contextlib.contextmanager
 def storage_errors(key: str, url: str, writing: bool = False) -> Iterator[None]:
     """Turn a storage failure (missing file or bucket, bad credentials, read-only path, a store never
@@ -73,10 +98,11 @@ def storage_errors(key: str, url: str, writing: bool = False) -> Iterator[None]:
     try:
         yield
     except Exception as e:
-        raise _mapped(e, key, url, writing) from None
+        raise mapped(e, key, url, writing) from None
 
 
-def _mapped(e: Exception, key: str, url: str, writing: bool) -> Exception:
+def mapped(e: Exception, key: str, url: str, writing: bool = False) -> Exception:
+    """The one-line UserError for a storage failure; anything else (a bug, a data error) unchanged."""
     if type(e).__module__.split(".")[0] in DATA_MODULES and not isinstance(e, OSError):
         return e  # a schema or data error (pyarrow's are ValueErrors): a bug to show, not a URL to blame
     if isinstance(e, FileNotFoundError):
@@ -88,8 +114,6 @@ def _mapped(e: Exception, key: str, url: str, writing: bool) -> Exception:
     if isinstance(e, PermissionError):
         return UserError(f"{key}: access denied to {redact(url)} ({first_line(e)}); "
                          f"check the credentials in the environment ({CREDENTIALS})")
-    if isinstance(e, (ValueError, ImportError)):  # unknown protocol, missing filesystem package, bad options
-        return UserError(f"{key}: cannot use {redact(url)}: {first_line(e)}")
     if isinstance(e, OSError):
         if e.errno in NO_SPACE:
             return no_space(url, key, "a rerun writes it again")

@@ -21,6 +21,9 @@ def stage_fn(name: str) -> Callable[[Config], Any]:
 
 
 def run_stage(name: str, cfg: Config) -> Any:
+    from medgen import preflight
+
+    preflight.check(cfg, (name,))  # before the stage's module is even imported
     t0 = time.time()
     log.info("%s: start", name)
     with process_globals_restored():
@@ -52,4 +55,7 @@ def process_globals_restored() -> Iterator[None]:
 
 
 def run_all(cfg: Config, stages: tuple[str, ...] = STAGES) -> dict[str, Any]:
+    from medgen import preflight
+
+    preflight.check(cfg, stages)  # the prompts of the last stage before the first one runs
     return {name: run_stage(name, cfg) for name in stages}

@@ -35,8 +35,9 @@ import yaml
 import medgen
 from medgen import atomic, config
 from medgen.config import Config, opt
-from medgen.errors import ConfigError, Preempted, StorageUnavailable, UserError
-from medgen.layout import RunLayout
+from medgen.config.schema import field_problems
+from medgen.errors import ConfigError, TryAgain, UserError
+from medgen.launch.records import failed_log, jobs_file, read_jobs
 from medgen.logs import logging_for
 
 log = logging.getLogger("medgen")
@@ -81,15 +82,15 @@ class Profile:
     partition: str = opt("", "Partition ('' = the cluster's default).")
     account: str = opt("", "Account to charge ('' = your default).")
     qos: str = opt("", "Quality of service ('' = the default).")
-    gpus_per_node: int = opt(0, "GPUs per node for train/evaluate/generate, which run one task per GPU.")
-    tasks_per_node: int = opt(1, "Tasks per node for train/evaluate/generate when gpus_per_node is 0 (gloo).")
-    cpus_per_task: int = opt(1, "CPU cores per task.")
-    mem_gb: float = opt(0.0, "Memory per node in GB (0 = the cluster's default).")
-    timeout_min: int = opt(60, "Time limit of each stage's job in minutes (slurm.timeout_min overrides).")
+    gpus_per_node: int = opt(0, "GPUs per node for train/evaluate/generate, which run one task per GPU.", ge=0)
+    tasks_per_node: int = opt(1, "Tasks per node for train/evaluate/generate when gpus_per_node is 0 (gloo).", ge=1)
+    cpus_per_task: int = opt(1, "CPU cores per task.", ge=1)
+    mem_gb: float = opt(0.0, "Memory per node in GB (0 = the cluster's default).", ge=0)
+    timeout_min: int = opt(60, "Time limit of each stage's job in minutes (slurm.timeout_min overrides).", ge=1)
     constraint: str = opt("", "Node features (--constraint), e.g. h100.")
-    nodes: int = opt(1, "Nodes for train/evaluate/generate (slurm.nodes overrides).")
+    nodes: int = opt(1, "Nodes for train/evaluate/generate (slurm.nodes overrides).", ge=1)
     array_parallelism: int = opt(4, "Sweeps: grid points running at once per stage (--array=...%k; "
-                                 "slurm.array_parallelism overrides).")
+                                 "slurm.array_parallelism overrides).", ge=1)
     sbatch: dict[str, Any] = opt({}, "Other sbatch options, e.g. {exclusive: true, mail-type: FAIL}.")
 
 
@@ -139,11 +140,7 @@ def _check_profile(p: Profile) -> list[str]:
            if v and not NAMES.fullmatch(v)]
     if p.constraint and not CONSTRAINT.fullmatch(p.constraint):
         out.append(f"constraint: {p.constraint!r} has characters sbatch constraints never use")
-    out += [f"{k}: must be >= {lo} (got {v})" for k, v, lo in
-            (("gpus_per_node", p.gpus_per_node, 0), ("tasks_per_node", p.tasks_per_node, 1),
-             ("cpus_per_task", p.cpus_per_task, 1), ("timeout_min", p.timeout_min, 1), ("nodes", p.nodes, 1),
-             ("array_parallelism", p.array_parallelism, 1),
-             ("mem_gb", p.mem_gb, 0)) if v < lo]
+    out += field_problems(p, "")
     for key, value in p.sbatch.items():
         if not isinstance(key, str) or not OPTION.fullmatch(key.replace("_", "-")):
             out.append(f"sbatch: {key!r} is not an sbatch option name")
@@ -175,7 +172,9 @@ def stage_plan(stage: str, cfg: Config, prof: Profile) -> StagePlan:
         "cpus_per_task": prof.cpus_per_task,
         "signal_delay_s": s.signal_delay_s,
         "stderr_to_stdout": True,  # one log per task
-        "setup": [*_pythonpath(), SKIP_OLD_STEP_IDS],
+        # the job runs under the owner-only umask it was submitted with (its logs are private); the stage
+        # itself writes its outputs under the submitting shell's umask (StageJob._run)
+        "setup": [*_pythonpath(), f"export MEDGEN_UMASK={current_umask():04o}", SKIP_OLD_STEP_IDS],
         # used only when the stage is submitted as an array (a sweep): %k in --array=0-(n-1)%k
         "array_parallelism": s.array_parallelism or prof.array_parallelism,
         # a task that dies kills its step; the others would otherwise wait in a collective until a timeout
@@ -217,15 +216,40 @@ def plan(cfg: Config, folder: Path, stages: Sequence[str] = ()) -> list[StagePla
     return [stage_plan(stage, cfg, prof) for stage in stages or cfg.slurm.stages]
 
 
+def current_umask() -> int:
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def private_folder(folder: Path) -> Iterator[None]:
+    """The submission folder, owner-only whatever the umask, and everything written while inside this block
+    (submitit's pickles and scripts, the config snapshots; sbatch hands the umask on to the job, so its logs
+    too). Compute nodes unpickle and run these files as the submitting user: nobody else may write them. An
+    existing slurm.folder that others can write to is refused."""
+    base = folder.parent
+    if base.exists() and base.stat().st_mode & 0o022:
+        raise UserError(f"slurm.folder {base}: group or others can write to it (mode {base.stat().st_mode & 0o777:o}), "
+                        "and SLURM jobs run the pickles submitted into it; chmod go-w it, or choose another "
+                        "slurm.folder")
+    base.parent.mkdir(parents=True, exist_ok=True)
+    mask = os.umask(0o077)
+    try:
+        for d in (base, folder):
+            if not d.exists():
+                d.mkdir()
+                d.chmod(0o700)  # mkdir's mode is cut by the umask; chmod is not
+        yield
+    finally:
+        os.umask(mask)
+
+
 def submission_folder(cfg: Config) -> Path:
     # job ids restart at 1 on a rebuilt cluster: a fresh folder per submission keeps submitit from
     # mistaking an old job's result file for the new one's
     base = Path(cfg.slurm.folder or cfg.layout.slurm).absolute()
     return base / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
-
-
-def jobs_file(run_dir: str | Path) -> Path:
-    return RunLayout(Path(run_dir)).jobs_file
 
 
 # --------------------------------------------------------------------------- dry run and submission
@@ -272,8 +296,8 @@ def submit(cfg: Config) -> dict[str, Any]:
     with submission_env():
         for p in plans:
             test_only(p, folder)
+    with submission_env(), private_folder(folder):
         submitted = time.strftime("%Y-%m-%dT%H:%M:%S")  # before the first job: sacct -S in `medgen status`
-        folder.mkdir(parents=True)
         snapshot = folder / "config.yaml"  # every stage reads the config as it was at submission
         snapshot.write_text(config.dump_yaml(cfg), encoding="utf-8")
         for p in plans:
@@ -347,10 +371,9 @@ def cancel(ids: list[str]) -> None:
 
 def refuse_active_chain(run_dir: str) -> None:
     """Two chains on one run.dir would train into the same checkpoints."""
-    path = jobs_file(run_dir)
-    if not path.exists():
+    info = read_jobs(run_dir)
+    if info is None:
         return
-    info = json.loads(path.read_text())
     ids = {s["job_id"] for s in info["stages"].values()}
     # ids restart on a rebuilt cluster: only a job with our id AND our name is ours
     # %F: the job id, or an array element's array job id (a sweep's jobs.json holds those)
@@ -402,24 +425,12 @@ def job_states(ids: list[str], since: str) -> dict[str, tuple[str, str, str]]:
     return states
 
 
-def failed_log(logs: list[str]) -> str:
-    """The log of the task that failed: the first that holds a traceback, else task 0's."""
-    for path in logs:
-        try:
-            if "Traceback" in Path(path).read_text(errors="replace"):
-                return path
-        except OSError:
-            continue
-    return logs[0]
-
-
 def status(run_dir: str) -> tuple[str, int]:
     """A table of the chain's stages and their states; exit code 1 when a stage failed or was cancelled."""
-    path = jobs_file(run_dir)
-    if not path.exists():
-        raise UserError(f"{path} not found: no SLURM chain was submitted for this run.dir "
+    info = read_jobs(run_dir)
+    if info is None:
+        raise UserError(f"{jobs_file(run_dir)} not found: no SLURM chain was submitted for this run.dir "
                         f"(medgen run --config C --executor slurm run.dir={run_dir})")
-    info = json.loads(path.read_text())
     stages = info["stages"]
     states = job_states([s["job_id"] for s in stages.values()], info["submitted"])
     lines = [f"{run_dir}: SLURM chain submitted {info['submitted']}",
@@ -458,7 +469,9 @@ class StageJob(submitit.helpers.Checkpointable):
         from medgen import dist
         from medgen.launch import local
 
-        _setup_task(self.stage in DISTRIBUTED)
+        shell = os.environ.get("MEDGEN_UMASK")  # set by the job script (stage_plan)
+        private = os.umask(int(shell, 8)) if shell else current_umask()
+        dist.from_slurm(self.stage in DISTRIBUTED)
         log.info("%s: medgen %s from %s", self.stage, medgen.__version__, Path(medgen.__file__).parent)
         cfg = config.load_config(config_path, list(overrides))
         if self.stage in DISTRIBUTED:
@@ -466,42 +479,17 @@ class StageJob(submitit.helpers.Checkpointable):
             log.info("rank %d of %d on %s (%s), %s%s", where["rank"], where["world_size"], where["host"],
                      where["ip"], where["device"], f", GPU {where['gpu']} of this node" if where["gpu"] else "")
         try:
-            return local.run_stage(self.stage, cfg)
-        except Exception as e:
-            if isinstance(e, (Preempted, StorageUnavailable)):  # "try again": requeue, the rerun resumes
-                _hand_over_to_submitit(e)
-            raise
+            try:  # the stage's outputs under the submitting shell's umask; submitit's own files stay private
+                return local.run_stage(self.stage, cfg)
+            finally:
+                os.umask(private)
+        except TryAgain as e:  # requeue, the rerun resumes
+            _hand_over_to_submitit(e)
 
     def checkpoint(self, config_path: str, overrides: Sequence[str] = ()) -> submitit.helpers.DelayedSubmission:
         """Called by submitit on rank 0 before it requeues: the same stage with the same config. The
         progress is on disk (train: <run.dir>/checkpoints; generate: completions done), none in this object."""
         return submitit.helpers.DelayedSubmission(self, config_path, overrides)
-
-
-def _setup_task(distributed: bool) -> None:
-    # torch would start a thread per core of the node in every task: use the cores SLURM gave this task
-    os.environ.setdefault("OMP_NUM_THREADS", os.environ.get("SLURM_CPUS_PER_TASK", "1"))
-    if not distributed:
-        return
-    # SLURM started one task per rank: export RANK/WORLD_SIZE/MASTER_* from SLURM's variables (multi-node
-    # too). CUDA_VISIBLE_DEVICES stays as SLURM set it (all GPUs of the node): each rank takes cuda:LOCAL_RANK.
-    # overwrite: variables inherited from the submitting shell must not win over SLURM's.
-    env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
-    log.info("rank %d of %d (local %d), master %s:%d", env.rank, env.world_size, env.local_rank,
-             env.master_addr, env.master_port)
-    import torch
-
-    if torch.cuda.is_available():
-        return
-    from accelerate import PartialState
-
-    # Without a GPU, accelerate's PartialState() ignores RANK/WORLD_SIZE unless asked for the CPU: every
-    # rank would think it is alone and do all the work. Start the shared state here (gloo), once; the
-    # stages join it, asking for the CPU themselves (dist.process_state, train's use_cpu) rather than
-    # through a process-wide ACCELERATE_USE_CPU.
-    state = PartialState(cpu=True)
-    if state.num_processes != env.world_size:
-        raise RuntimeError(f"SLURM started {env.world_size} tasks but accelerate sees {state.num_processes}")
 
 
 def _job_state() -> str:

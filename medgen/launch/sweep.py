@@ -20,7 +20,8 @@ import submitit
 from medgen import atomic, config, sweep
 from medgen.config import Config
 from medgen.errors import UserError
-from medgen.launch import local, slurm
+from medgen.launch import local, records, slurm
+from medgen.layout import SweepLayout
 
 log = logging.getLogger("medgen")
 
@@ -37,7 +38,7 @@ def run_local(base: Config) -> dict[str, Any]:
     for p in pts:
         log.info("sweep: point %d/%d %s", p.index + 1, len(pts), p.name)
         outcome[p.name] = _run_point(p)
-        atomic.write_text(Path(base.run.dir) / sweep.LOCAL_STATUS, json.dumps(outcome, indent=2))
+        atomic.write_text(SweepLayout(Path(base.run.dir)).local_status, json.dumps(outcome, indent=2))
     return local.run_stage("compare", base)
 
 
@@ -61,7 +62,7 @@ def _run_point(p: sweep.Point) -> dict[str, Any]:
 
 def _snapshots(base: Config, pts: list[sweep.Point], folder: Path) -> tuple[str, list[str]]:
     """The config every job reads, as it was at submission: the sweep's, and one per point."""
-    (folder / "points").mkdir(parents=True)
+    (folder / "points").mkdir()
     path = folder / "config.yaml"
     path.write_text(config.dump_yaml(base), encoding="utf-8")
     out = []
@@ -110,6 +111,7 @@ def submit(base: Config) -> dict[str, Any]:
     with slurm.submission_env():
         for p in plans:
             slurm.test_only(p, folder, **({"map_count": n} if _is_array(p, n) else {}))
+    with slurm.submission_env(), slurm.private_folder(folder):
         submitted = time.strftime("%Y-%m-%dT%H:%M:%S")
         base_path, point_paths = _snapshots(base, pts, folder)
         sweep.write_manifest(base, pts)
@@ -122,7 +124,7 @@ def submit(base: Config) -> dict[str, Any]:
     info = {"sweep": True, "submitted": submitted, "run_dir": str(Path(base.run.dir).absolute()),
             "folder": str(folder), "config": base_path, "points": n,
             "profile": str(slurm.profile_path(base.slurm.profile, base.slurm.profile_dir)), "stages": jobs}
-    path = slurm.jobs_file(base.run.dir)
+    path = records.jobs_file(base.run.dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic.write_text(path, json.dumps(info, indent=2))
     return info
@@ -161,7 +163,7 @@ def describe(info: dict[str, Any]) -> str:
     ids = ",".join(s["job_id"] for s in stages.values())
     lines += [f"follow:  medgen status {info['run_dir']}", f"         squeue -j {ids}",
               f"cancel:  scancel {ids.replace(',', ' ')}",
-              f"report:  {Path(info['run_dir']) / 'report' / 'compare.md'} (once compare ran)"]
+              f"report:  {SweepLayout(Path(info['run_dir'])).comparison} (once compare ran)"]
     return "\n".join(lines)
 
 
@@ -199,7 +201,7 @@ def _state_of(s: dict[str, Any], i: int, states: dict) -> tuple[str, str, str]:
     if "elements" not in s:
         return states.get(s["job_id"], ("UNKNOWN", "", ""))
     eid = s["elements"][i]
-    return states.get(eid) or states.get(tuple(_key(eid))) or ("PENDING", "", "")
+    return states.get(eid) or states.get(_key(eid)) or ("PENDING", "", "")
 
 
 def _key(eid: str) -> tuple[str, int]:
@@ -210,12 +212,13 @@ def _key(eid: str) -> tuple[str, int]:
 def status(sweep_dir: str) -> tuple[str, int]:
     """Per point and stage: SLURM states (jobs.json) or a local sweep's outcomes; exit code 1 if any failed."""
     manifest = sweep.read_manifest(sweep_dir)
-    path = slurm.jobs_file(sweep_dir)
-    if path.exists() and json.loads(path.read_text()).get("sweep"):
-        return _slurm_status(sweep_dir, manifest, json.loads(path.read_text()))
-    local_path = Path(sweep_dir) / sweep.LOCAL_STATUS
+    info = records.sweep_jobs(sweep_dir)
+    if info:
+        return _slurm_status(sweep_dir, manifest, info)
+    local_path = SweepLayout(Path(sweep_dir)).local_status
     if not local_path.exists():
-        raise UserError(f"{sweep_dir}: a sweep, but neither {path} nor {local_path}: no point has run yet")
+        raise UserError(f"{sweep_dir}: a sweep, but neither {records.jobs_file(sweep_dir)} nor {local_path}: "
+                        "no point has run yet")
     return _local_status(sweep_dir, manifest, json.loads(local_path.read_text()))
 
 
@@ -239,17 +242,16 @@ def _local_status(sweep_dir: str, manifest: dict, outcome: dict) -> tuple[str, i
 def _slurm_status(sweep_dir: str, manifest: dict, info: dict) -> tuple[str, int]:
     stages, states = info["stages"], _element_states(info)
     lines = [f"{sweep_dir}: SLURM sweep of {info['points']} points submitted {info['submitted']}"]
-    for name in ("prepare",):
-        if name in stages:
-            st = _state_of(stages[name], 0, states)
-            lines.append(f"  prepare  job {stages[name]['job_id']:<8} {st[0]:<13} log {stages[name]['logs'][0]}")
+    if "prepare" in stages:
+        p = stages["prepare"]
+        lines.append(f"  prepare  job {p['job_id']:<8} {_state_of(p, 0, states)[0]:<13} log {p['logs'][0]}")
     lines += _table(manifest, lambda p, s: _state_of(stages[s], p["index"], states)[0] if s in stages else "-")
     bad = 0
     for p in manifest["points"]:
         for s in (x for x in sweep.POINT_STAGES if x in stages):
             state, code, _ = _state_of(stages[s], p["index"], states)
             if state in slurm.FAILED:
-                log_path = slurm.failed_log(stages[s]["logs"][p["index"]])
+                log_path = records.failed_log(stages[s]["logs"][p["index"]])
                 lines.append(f"point {p['name']}: {s} failed ({state}, exit code {code}): see {log_path}")
                 bad += 1
             elif state == "CANCELLED":
@@ -257,7 +259,6 @@ def _slurm_status(sweep_dir: str, manifest: dict, info: dict) -> tuple[str, int]
     if "compare" in stages:
         c = stages["compare"]
         state = _state_of(c, 0, states)[0]
-        lines.append(f"  compare  job {c['job_id']:<8} {state:<13} report "
-                     f"{Path(sweep_dir) / 'report' / 'compare.md'}")
+        lines.append(f"  compare  job {c['job_id']:<8} {state:<13} report {SweepLayout(Path(sweep_dir)).comparison}")
         bad += state in slurm.FAILED or state == "CANCELLED"
     return "\n".join(lines), 1 if bad else 0

@@ -1,0 +1,36 @@
+"""What the SLURM launchers record about a submission (``<run.dir>/slurm/jobs.json``) and the job logs, read
+without SLURM or submitit: ``medgen status`` and a sweep's comparison report both use it."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from medgen.layout import RunLayout
+
+
+def jobs_file(run_dir: str | Path) -> Path:
+    return RunLayout(Path(run_dir)).jobs_file
+
+
+def read_jobs(run_dir: str | Path) -> dict[str, Any] | None:
+    """jobs.json of the last submission for this run.dir or sweep directory (None: never submitted)."""
+    path = jobs_file(run_dir)
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+
+
+def sweep_jobs(sweep_dir: str | Path) -> dict[str, Any]:
+    """A SLURM sweep's jobs.json ({} for a local sweep, or for a plain chain's jobs.json in that directory)."""
+    info = read_jobs(sweep_dir) or {}
+    return info if info.get("sweep") else {}
+
+
+def failed_log(logs: list[str]) -> str:
+    """The log of the task that failed: the first that holds a traceback, else task 0's."""
+    for path in logs:
+        try:
+            if "Traceback" in Path(path).read_text(errors="replace"):
+                return path
+        except OSError:
+            continue
+    return logs[0]
