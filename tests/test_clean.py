@@ -125,7 +125,7 @@ def test_cleaner_does_not_damage_code_or_numbers_on_real_articles(medium_sample)
 def _doc_examples():
     import re
 
-    from tests.conftest import ROOT
+    from tests.helpers import ROOT
 
     doc = (ROOT / "docs" / "data.md").read_text(encoding="utf-8")
     block = doc.split("```clean-examples\n", 1)[1].split("```", 1)[0]

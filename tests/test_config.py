@@ -2,7 +2,7 @@ import yaml
 
 from medgen import config
 from medgen.errors import ConfigError
-from tests.conftest import ROOT, medgen
+from tests.helpers import ROOT, medgen
 
 import pytest
 

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from tests.conftest import ROOT, medgen
+from tests.helpers import ROOT, medgen
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 REL = 1e-6

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from medgen import atomic, generate
 from medgen.data import storage
-from tests.conftest import ROOT, medgen
+from tests.helpers import REFERENCE_STEPS, REFERENCE_TRAIN, ROOT, TINY, medgen
 
 PAGE = 4096
 
@@ -153,22 +153,20 @@ def test_disk_errors_is_one_line_naming_the_path(tmp_path, tmpfs):
 
 
 def _train(run_dir: Path, shards: Path, *extra: str) -> subprocess.CompletedProcess:
-    return medgen("train", "--config", "configs/tiny.yaml", f"run.dir={run_dir}", f"data.shards={shards}",
-                  "train.save_steps=2", "train.keep_checkpoints=1", "lora.dropout=0.05", *extra, check=False,
-                  env={"OMP_NUM_THREADS": "1"})
+    """The reference run's settings (a checkpoint every 2 steps, LoRA dropout on: resuming restores its RNG),
+    keeping one checkpoint."""
+    return medgen("train", *TINY, f"run.dir={run_dir}", f"data.shards={shards}", *REFERENCE_TRAIN,
+                  "train.keep_checkpoints=1", *extra, check=False, env={"OMP_NUM_THREADS": "1"})
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, tiny_run) -> Path:
-    """An undisturbed run that checkpoints every 2 steps (LoRA dropout on: resuming restores its RNG)."""
-    run_dir = tmp_path_factory.mktemp("fulldisk-ref") / "run"
-    proc = _train(run_dir, tiny_run / "data")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return run_dir
+def reference(reference_run) -> Path:
+    """The shared undisturbed run (conftest.reference_run)."""
+    return reference_run
 
 
 def test_checkpoint_on_a_full_disk_keeps_the_last_and_the_rerun_resumes_exactly(tmp_path, tmpfs, tiny_run, reference):
-    ckpt = pages(reference / "checkpoints" / "step-6")
+    ckpt = pages(reference / "checkpoints" / f"step-{REFERENCE_STEPS}")
     run_dir = tmp_path / "run"
     disk = tmpfs(run_dir / "checkpoints", 64 * ckpt)
     ballast = fill(disk, ckpt * 3 // 2)  # room for the step-2 checkpoint, not for step 4 beside it
@@ -197,7 +195,7 @@ def test_adapter_on_a_full_disk_keeps_the_previous_one(tmp_path, tmpfs, tiny_run
     assert snapshot(run_dir / "adapter") == before
     no_temps(run_dir)
     ballast.unlink()
-    proc = _train(run_dir, tiny_run / "data")  # resumes from step-6, the last step: trains nothing more
+    proc = _train(run_dir, tiny_run / "data")  # resumes from the last step's checkpoint: trains nothing more
     assert proc.returncode == 0, proc.stderr[-3000:]
     after = snapshot(run_dir / "adapter")
     assert after["adapter_model.safetensors"] == before["adapter_model.safetensors"]
@@ -255,8 +253,9 @@ def test_generate_on_a_full_disk_continues_exactly_once(tmp_path, tmpfs, tiny_ru
     shutil.copytree(tiny_run / "adapter", run_dir / "adapter")
     (run_dir / "generations").mkdir()
     ballast = fill(run_dir, 3 * PAGE)  # job.json and a few batches of completions
+    # the run's own completions only: the base model's set (generate.base_prompts) is the same code path
     args = ["generate", "--config", "configs/tiny.yaml", f"run.dir={run_dir}", f"generate.prompts={prompts}",
-            "generate.batch_size=2", "generate.max_new_tokens=4"]
+            "generate.batch_size=2", "generate.max_new_tokens=4", "generate.base_prompts=0"]
     part = run_dir / "generations" / "part-00000-of-00001.jsonl"
     assert_one_line(medgen(*args, check=False), part)
     data = part.read_bytes()

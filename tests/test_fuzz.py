@@ -20,11 +20,12 @@ from typing import Callable
 import pytest
 import yaml
 
-from medgen import config, generate, models, prepare
+from medgen import config, models, prepare
+from medgen.data import prompts as prompt_file
 from medgen.data import filters
 from medgen.errors import ConfigError, UserError
 from tests.articles import HEADER, row
-from tests.conftest import ROOT, medgen
+from tests.helpers import ROOT, medgen
 
 SEED = 14
 BASE_ROWS = 6
@@ -364,7 +365,7 @@ def test_prompts_fuzz_parse_or_fail_in_one_line(tmp_path, i):
     path = tmp_path / f"prompts{suffix}"
     path.write_bytes(case.data)
     try:
-        prompts = generate.read_prompts(str(path))
+        prompts = prompt_file.read_prompts(str(path))
     except UserError as e:
         assert case.outcome != "ok", f"{case.note}: {e}"
         assert_one_line(str(e), str(path))
@@ -545,6 +546,7 @@ CLI_CASES = {
 
 
 @pytest.mark.parametrize("kind", list(CLI_CASES))
+@pytest.mark.slow  # whole CLI or pipeline runs: not in the fast tier
 def test_cli_exit_2_and_one_line_never_a_traceback(tmp_path, kind):
     args, culprit = CLI_CASES[kind](tmp_path)
     proc = medgen(*args, check=False, timeout=300)

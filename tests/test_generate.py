@@ -21,8 +21,9 @@ import pytest
 import torch
 
 from medgen import config, generate
+from medgen.data import prompts
 from medgen.errors import ConfigError, UserError
-from tests.conftest import ROOT, medgen
+from tests.helpers import ROOT, medgen
 
 SCHEMA = json.loads(generate.SCHEMA.read_text())
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
@@ -88,19 +89,19 @@ def validate(records: list[dict]) -> None:
 
 def test_prompt_files_jsonl_and_text(tmp_path):
     rows = [{"id": 7, "prompt": "A\u2028B", "tag": "x"}, {"prompt": "no id here"}]
-    got = generate.read_prompts(str(write_jsonl(tmp_path / "p.jsonl", rows)))
+    got = prompts.read_prompts(str(write_jsonl(tmp_path / "p.jsonl", rows)))
     assert got == [{"id": "7", "prompt": "A\u2028B", "tag": "x"}, {"id": "line-2", "prompt": "no id here"}]
     (tmp_path / "p.txt").write_text("first\r\n\n  \nsecond line\n", encoding="utf-8")
-    assert generate.read_prompts(str(tmp_path / "p.txt")) == [
+    assert prompts.read_prompts(str(tmp_path / "p.txt")) == [
         {"id": "line-1", "prompt": "first"}, {"id": "line-4", "prompt": "second line"}]
-    assert generate.looks_jsonl('\n{"prompt": "x"}\n') and not generate.looks_jsonl("{curly} text\n")
+    assert prompts.looks_jsonl('\n{"prompt": "x"}\n') and not prompts.looks_jsonl("{curly} text\n")
     for text, msg in (('{"id": "a", "prompt": "x"}\n{"id": "a", "prompt": "y"}', "duplicate id 'a'"),
                       ('{"prompt": 3}', "needs a string field 'prompt'"), ("{oops", "not valid JSON"),
                       ('{"prompt": ""}', "empty prompt")):
         with pytest.raises(UserError, match=msg):
-            generate.parse_prompts(text, "p.jsonl", True)
+            prompts.parse_prompts(text, "p.jsonl", True)
     with pytest.raises(UserError, match="not found"):
-        generate.read_prompts(str(tmp_path / "missing.jsonl"))
+        prompts.read_prompts(str(tmp_path / "missing.jsonl"))
 
 
 def test_generate_config_checks():

@@ -8,7 +8,7 @@ import pytest
 from medgen.data.shards import shard_refs
 from medgen.data.stream import PackedStream, iter_shard, load_articles
 from medgen.errors import UserError
-from tests.conftest import medgen
+from tests.helpers import medgen
 
 TRAIN, TEST = "train/part-00000-of-00002.parquet", "test/part-00001-of-00002.parquet"
 
@@ -54,6 +54,7 @@ def _one_line_naming(proc, shard: str) -> str:
     return line
 
 
+@pytest.mark.slow  # whole CLI or pipeline runs: not in the fast tier
 def test_changed_shard_stops_train_and_evaluate_before_any_row_is_used(dataset, tmp_path):
     run = _copy(dataset, tmp_path)
     manifest = json.loads((run / "data" / "manifest.json").read_text())
@@ -77,7 +78,8 @@ def test_every_shard_of_an_untouched_dataset_passes(dataset):
         assert len(load_articles(str(dataset), manifest, {}, split)) == manifest["splits"][split]["articles"]
 
 
-@pytest.mark.parametrize("where", ["local", "s3"])
+# the s3 case asks for the s3_server fixture at run time (request.getfixturevalue), so it is marked here
+@pytest.mark.parametrize("where", ["local", pytest.param("s3", marks=[pytest.mark.s3, pytest.mark.slow])])
 @pytest.mark.parametrize("change", [_flip, _truncate, _replace], ids=["flipped-byte", "truncated", "replaced"])
 def test_no_row_of_a_changed_shard_is_read(dataset, tmp_path, change, where, request):
     run = _copy(dataset, tmp_path)

@@ -6,6 +6,7 @@ import random
 import warnings
 
 import numpy as np
+import pytest
 import torch
 
 from medgen import cli
@@ -27,6 +28,7 @@ def _changed(before: dict, after: dict) -> dict:
     return {**out, **({"env": sorted(env)} if env else {})}
 
 
+@pytest.mark.slow  # whole CLI or pipeline runs: not in the fast tier
 def test_two_runs_in_one_process_leave_nothing_behind(tmp_path):
     torch.manual_seed(1234)  # a caller's own RNG state, which must survive both runs
     before = _globals()

@@ -1,4 +1,6 @@
-from medgen import config, models
+import pytest
+
+from medgen import models
 
 
 def test_offline_gpt2_tokenizer_is_the_real_one():
@@ -10,7 +12,7 @@ def test_offline_gpt2_tokenizer_is_the_real_one():
 def test_tiny_gpt2_uses_the_gpt2_architecture_and_conv1d_lora_defaults():
     model = models.load_model("tiny-gpt2")
     assert model.config.model_type == "gpt2" and model.config.n_positions == 1024
-    assert model.config.n_layer == config.BUILTIN_LAYERS["tiny-gpt2"]  # what validate checks lora.top_layers with
+    assert model.config.n_layer == models.BUILTIN_LAYERS["tiny-gpt2"]  # what validate checks lora.top_layers with
     targets, fan_in_fan_out = models.lora_targets(model, [])
     assert targets == ["c_attn", "c_proj", "c_fc"] and fan_in_fan_out is True
     assert models.lora_targets(model, ["c_attn"])[0] == ["c_attn"]
@@ -54,8 +56,9 @@ def test_linear_names_and_top_layers_on_a_llama():
         models.top_layers(llama, 5)
 
 
+@pytest.mark.slow  # whole CLI or pipeline runs: not in the fast tier
 def test_smollm2_layer_count_known_to_validate_is_the_gguf_files():
     from transformers import AutoConfig
 
     c = AutoConfig.from_pretrained(models._smollm2_dir(), gguf_file=models.SMOLLM2_GGUF)
-    assert c.num_hidden_layers == config.BUILTIN_LAYERS["smollm2-135m"]
+    assert c.num_hidden_layers == models.BUILTIN_LAYERS["smollm2-135m"]

@@ -13,19 +13,17 @@ import time
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
 
 from medgen.data.retry import is_transient, retrying
 from medgen.errors import StorageUnavailable
 from tests.articles import english, row, write_csv
-from tests.conftest import ROOT
+from tests.helpers import REFERENCE_STEPS, REFERENCE_TRAIN, ROOT, TINY, adapter, max_diff
 from tests.faults import FaultProxy
 
 # one attempt, fast timeouts: each failed request is seen at once (the defaults are for real stores)
 FAST = "{config_kwargs: {connect_timeout: 1, read_timeout: 1, retries: {total_max_attempts: 1}}}"
-TINY = ["--config", "configs/tiny.yaml"]
 WARNING = "object store unreachable:"
-STEPS = 8
+STEPS = REFERENCE_STEPS
 
 
 @pytest.fixture
@@ -217,17 +215,8 @@ def test_prepare_outage_longer_than_the_window_exits_75_and_publishes_nothing(pr
 
 
 def _train_args(run_dir, shards, *extra):
-    return ["train", *TINY, f"run.dir={run_dir}", f"data.shards={shards}", f"train.max_steps={STEPS}",
-            "train.warmup_steps=2", "train.save_steps=2", *extra]
-
-
-def _adapter(run_dir):
-    return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
-
-
-def _max_diff(a, b):
-    assert a.keys() == b.keys()
-    return max((a[k] - b[k]).abs().max().item() for k in a)
+    """The reference run's settings (helpers.REFERENCE_TRAIN), on shards in the object store."""
+    return ["train", *TINY, f"run.dir={run_dir}", f"data.shards={shards}", *REFERENCE_TRAIN, *extra]
 
 
 @pytest.fixture(scope="module")
@@ -249,7 +238,7 @@ def test_train_rides_out_a_short_outage(proxy, tmp_path, s3_server, undisturbed,
     err = _medgen(proxy, *_train_args(tmp_path / "run", undisturbed[0], "data.retry_seconds=30"))
     assert proxy.outages == 1
     assert sum(WARNING in ln for ln in err.splitlines()) == 1, err[-3000:]
-    assert _max_diff(_adapter(tmp_path / "run"), _adapter(reference[0])) <= 1e-6
+    assert max_diff(adapter(tmp_path / "run"), adapter(reference[0])) <= 1e-6
     _no_secrets(err, s3_server)
 
 
@@ -267,7 +256,7 @@ def test_train_outage_longer_than_the_window_exits_75_and_the_rerun_resumes(prox
     proxy.set("pass")
     err = _medgen(proxy, *_train_args(run_dir, undisturbed[0], "data.retry_seconds=2"))
     assert f"resuming from {run_dir / 'checkpoints' / f'step-{done[-1]}'}" in err, err[-3000:]
-    assert _max_diff(_adapter(run_dir), _adapter(reference[0])) <= 1e-6
+    assert max_diff(adapter(run_dir), adapter(reference[0])) <= 1e-6
 
 
 # --------------------------------------------------------------------------- on SLURM: requeued, then resumed

@@ -8,7 +8,7 @@ import sys
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import medgen
+from tests.helpers import medgen
 
 NO_META = ["data.url_column=", "data.tags_column=", "data.authors_column=", "data.timestamp_column="]
 
@@ -22,6 +22,7 @@ def _ids_by_split(data_dir):
     return out
 
 
+@pytest.mark.slow  # whole CLI or pipeline runs: not in the fast tier
 def test_prepare_real_sample_accounts_for_every_row(tmp_path, medium_sample):
     medgen("prepare", "--config", "configs/tiny.yaml", f"run.dir={tmp_path}", f"data.source={medium_sample}")
     report = json.loads((tmp_path / "data" / "prepare_report.json").read_text())
@@ -38,6 +39,7 @@ def test_prepare_real_sample_accounts_for_every_row(tmp_path, medium_sample):
     assert report["cleaned"]["urls"] > 0
 
 
+@pytest.mark.slow  # whole CLI or pipeline runs: not in the fast tier
 def test_split_is_stable_across_shard_counts_and_input_order(tmp_path, medium_sample):
     with open(medium_sample, newline="", encoding="utf-8") as f:
         csv.field_size_limit(sys.maxsize)
@@ -55,8 +57,9 @@ def test_split_is_stable_across_shard_counts_and_input_order(tmp_path, medium_sa
     assert len(a) > 400 and a == b
 
 
+@pytest.mark.slow  # whole CLI or pipeline runs: not in the fast tier
 def test_prepare_tds_with_column_options(tmp_path):
-    from tests.conftest import SHARED
+    from tests.helpers import SHARED
 
     src = SHARED / "tds-articles-1390.csv"
     if not src.exists():
@@ -67,6 +70,7 @@ def test_prepare_tds_with_column_options(tmp_path):
     assert report["rows_kept"] > 1000
 
 
+@pytest.mark.slow  # whole CLI or pipeline runs: not in the fast tier
 def test_missing_text_column_is_one_line_exit_2(tmp_path):
     src = tmp_path / "x.csv"
     src.write_text("title,body\nhello,world\n")

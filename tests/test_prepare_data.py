@@ -2,13 +2,8 @@
 import csv
 import hashlib
 import json
-import os
 import shutil
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -16,9 +11,8 @@ import pytest
 
 from medgen.data import split
 from tests.articles import FRENCH, GERMAN, HEADER, SPANISH, english, row, write_csv
-from tests.conftest import SHARED, medgen
+from tests.helpers import SHARED, TINY, marks_its_tests, medgen, start_moto
 
-TINY = ["--config", "configs/tiny.yaml"]
 NO_META = ["data.url_column=", "data.tags_column=", "data.authors_column=", "data.timestamp_column="]
 
 
@@ -45,6 +39,7 @@ def _ids(data: Path) -> dict[str, str]:
             for i in pq.read_table(f, columns=["id"]).column("id").to_pylist()}
 
 
+@pytest.mark.slow  # whole CLI or pipeline runs: not in the fast tier
 def test_malformed_rows_are_counted_and_reported_never_a_crash(tmp_path):
     rows = [row(i) for i in range(6)] + [
         row(10, text=""),                        # missing text
@@ -73,6 +68,7 @@ def test_malformed_rows_are_counted_and_reported_never_a_crash(tmp_path):
     assert sum(s["articles"] for s in manifest["splits"].values()) == report["rows_kept"] == 9
 
 
+@pytest.mark.slow  # whole CLI or pipeline runs: not in the fast tier
 def test_empty_source_is_an_empty_dataset(tmp_path):
     src = tmp_path / "empty.csv"
     src.write_bytes(b"")
@@ -95,6 +91,7 @@ def _near_copy(r: list[str], i: int) -> list[str]:
     return [r[0], " ".join(words), r[2].rstrip("/") + f"-copy-{i}", r[3], r[4], r[5]]
 
 
+@pytest.mark.slow  # whole CLI or pipeline runs: not in the fast tier
 def test_near_duplicates_are_dropped_across_splits_and_languages_filtered(tmp_path, medium_sample):
     originals = _real_rows(60)
     copies = [_near_copy(r, i) for i, r in enumerate(originals[:20])]
@@ -135,6 +132,7 @@ def _tree(data: Path) -> dict[str, str]:
             if p.is_file()}
 
 
+@pytest.mark.slow  # whole CLI or pipeline runs: not in the fast tier
 def test_prepare_failing_midway_leaves_the_previous_dataset_intact(tmp_path, medium_sample):
     tds = SHARED / "tds-articles-1390.csv"
     if not tds.exists():
@@ -180,26 +178,13 @@ def test_missing_bucket_is_one_line_exit_2(tmp_path, s3_server):
 
 
 @pytest.fixture(scope="module")
+@marks_its_tests("s3", "slow")
 def s3_auth_server():
     """A moto S3 server that checks credentials (moto's IAM auth after 4 unauthenticated setup calls)."""
     import boto3
 
-    exe = shutil.which("moto_server") or str(Path(sys.executable).with_name("moto_server"))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "4"})
-    endpoint = f"http://127.0.0.1:{port}"
+    proc, endpoint = start_moto("127.0.0.1", env={"INITIAL_NO_AUTH_ACTION_COUNT": "4"})
     try:
-        for _ in range(100):
-            try:
-                urllib.request.urlopen(endpoint, timeout=1)
-                break
-            except urllib.error.HTTPError:
-                break  # answering (403: auth is on)
-            except OSError:
-                time.sleep(0.1)
         client = lambda svc, key="setup", secret="setup": boto3.client(  # noqa: E731
             svc, endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id=key, aws_secret_access_key=secret)
         iam = client("iam")

@@ -10,10 +10,9 @@ import pytest
 
 from medgen.data import workers
 from tests.articles import FRENCH, GERMAN, HEADER, SPANISH, english, row, write_csv
-from tests.conftest import SHARED, medgen
+from tests.helpers import SHARED, TINY, medgen
 from tests.test_prepare_data import _near_copy
 
-TINY = ["--config", "configs/tiny.yaml"]
 
 
 def _real_rows() -> list[list[str]]:
@@ -31,9 +30,10 @@ def _prepare(tmp_path: Path, name: str, source, *overrides: str) -> tuple[Path, 
 
 
 def _output(data: Path) -> dict:
-    """Every file's sha256, the manifest without its creation time, the report without its timing."""
+    """Every file's sha256, the manifest without its creation time, the report without its timing (not the record
+    of the run, medgen_config.json, which says how many workers ran and when)."""
     out = {str(p.relative_to(data)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(data.rglob("*"))
-           if p.is_file() and p.name not in ("manifest.json", "prepare_report.json")}
+           if p.is_file() and p.name not in ("manifest.json", "prepare_report.json", "medgen_config.json")}
     manifest = json.loads((data / "manifest.json").read_text())
     manifest.pop("created")
     report = json.loads((data / "prepare_report.json").read_text())
@@ -47,6 +47,7 @@ def _logged_workers(stderr: str) -> int:
     return int(found[0])
 
 
+@pytest.mark.slow  # whole CLI or pipeline runs: not in the fast tier
 def test_any_number_of_workers_writes_the_same_bytes(tmp_path, medium_sample):
     """The real sample, plus what makes order matter: exact and near copies close to and far from their original
     (same chunk, another chunk, another worker), foreign languages, malformed and repaired rows."""
@@ -81,6 +82,7 @@ def test_any_number_of_workers_writes_the_same_bytes(tmp_path, medium_sample):
     assert outputs[3] == outputs[1]
 
 
+@pytest.mark.slow  # whole CLI or pipeline runs: not in the fast tier
 def test_a_glob_over_three_files_is_their_concatenation(tmp_path, medium_sample):
     real = _real_rows()[:150]
     parts = {"b.csv": real[50:100], "c.csv": real[100:], "a.csv": real[:50]}  # written out of name order

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import medgen, start_moto
+from tests.helpers import medgen, start_moto
 from tests.test_slurm import _wait
 
 pytestmark = [pytest.mark.slurm, pytest.mark.s3]

@@ -16,8 +16,9 @@ import yaml
 from medgen import config
 from medgen.errors import ConfigError, UserError
 from medgen.launch import slurm
-from tests.conftest import ROOT, local_cluster, medgen
-from tests.test_train import _adapter, _max_diff, _samples
+from tests.helpers import ROOT, command, local_cluster, medgen
+from tests.helpers import adapter, max_diff
+from tests.test_train import _samples
 
 STEPS = 12
 # Local (1 process, batch 4) and SLURM (2 tasks on 2 nodes, batch 2) see the same global batches: data_streams=2 fixes
@@ -87,7 +88,7 @@ def _outputs(run: Path) -> set[str]:
     """Every file of the output contract. Left out, as they differ by design with the process layout: the
     per-rank sample logs, placements and generation parts, tensorboard event files (host/pid/time in the
     name), and SLURM's own folder."""
-    skip = re.compile(r"^(slurm/|ranks/|samples/rank-|generations/part-|tensorboard/events)")
+    skip = re.compile(r"^(slurm/|ranks/|samples/rank-|generations/(base-)?part-|tensorboard/events)")
     return {str(p.relative_to(run)) for p in run.rglob("*") if p.is_file() and not skip.match(str(p.relative_to(run)))}
 
 
@@ -129,8 +130,8 @@ def test_chain_completes_in_order_with_the_outputs_of_a_local_run(pipelines):
         assert states[after]["Start"] >= states[before]["End"], (before, after, states)
 
     assert _outputs(run) == _outputs(local)
-    assert _max_diff(_adapter(run), _adapter(local)) <= 1e-5
-    assert max(v.abs().max().item() for k, v in _adapter(run).items() if "lora_B" in k) > 1e-4  # it trained
+    assert max_diff(adapter(run), adapter(local)) <= 1e-5
+    assert max(v.abs().max().item() for k, v in adapter(run).items() if "lora_B" in k) > 1e-4  # it trained
     for split in ("train", "validation", "test"):  # prepare is deterministic: the same shard bytes
         for f in (local / "data" / split).glob("*.parquet"):
             assert f.read_bytes() == (run / "data" / split / f.name).read_bytes()
@@ -209,7 +210,7 @@ def test_a_gpu_shaped_profile_runs_one_task_per_fake_gpu(pipelines, tmp_path):
 
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_preemption_requeues_and_resumes_to_the_uninterrupted_adapter(pipelines, tmp_path):
+def test_preemption_requeues_and_resumes_to_the_uninterruptedadapter(pipelines, tmp_path):
     from submitit.slurm.slurm import SlurmJob
 
     run, reference = tmp_path / "pre", pipelines["slurm"]
@@ -228,7 +229,7 @@ def test_preemption_requeues_and_resumes_to_the_uninterrupted_adapter(pipelines,
     resumed = re.findall(r"resuming from \S+/step-(\d+)", log_text)
     assert len(resumed) == 1 and 2 <= int(resumed[0]) < STEPS, "the signal should land mid-training"
     assert "Requeued job" in log_text
-    assert _max_diff(_adapter(run), _adapter(reference)) <= 1e-6
+    assert max_diff(adapter(run), adapter(reference)) <= 1e-6
     assert _samples(run, STEPS) == _samples(reference, STEPS)  # no block trained twice or skipped
 
 
@@ -280,7 +281,7 @@ def test_a_lost_node_fails_the_job_which_is_requeued_and_resumes_exactly(pipelin
     assert len(resumed) == 1 and 2 <= resumed[0] < STEPS, resumed  # a committed step-N, never a partial one
     assert "stopped by a signal" not in log_text and "Requeued job" not in log_text
     _assert_rerun_skipped_the_first_step_id(info["stages"]["train"]["job_id"])
-    assert _max_diff(_adapter(run), _adapter(reference)) <= 1e-5
+    assert max_diff(adapter(run), adapter(reference)) <= 1e-5
     assert _samples(run, STEPS) == _samples(reference, STEPS)  # the steps after step-N were redone, once
     assert t_fail - t_crash < 120
 
@@ -391,6 +392,38 @@ def test_the_prepare_job_uses_the_cpus_its_profile_gives_it(slurm_cluster, tmp_p
         assert re.findall(r"prepare: (\d+) worker process", log) == [str(n)], log[-3000:]
         report = json.loads((tmp_path / name / "data" / "prepare_report.json").read_text())
         assert report["timing"]["workers"] == n
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_a_submission_under_umask_002_is_private_to_its_owner(slurm_cluster, tmp_path):
+    """Compute nodes unpickle what is in the SLURM folder and run it as the submitting user: the folder, job
+    scripts, pickles and logs are the owner's alone whatever the umask; the stage's outputs keep the umask."""
+    run = tmp_path / "run"
+    subprocess.run(["bash", "-c", 'umask 002 && exec "$@"', "bash", *command(
+        "run", "--executor", "slurm", *COMMON, f"run.dir={run}", "slurm.stages=[prepare]")],
+        cwd=ROOT, check=True, capture_output=True)
+    assert _wait(run)["prepare"]["State"] == "COMPLETED"
+    folder = Path(_jobs(run)["folder"])
+    assert [oct(d.stat().st_mode & 0o777) for d in (folder.parent, folder)] == ["0o700", "0o700"]
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    kinds = {p.suffix for p in files} | {"log" for p in files if p.name.endswith("_log.out")}
+    assert {".pkl", ".sh", ".yaml", "log"} <= kinds, sorted(p.name for p in files)
+    loose = [f"{p.name} {oct(p.stat().st_mode & 0o777)}" for p in files if p.stat().st_mode & 0o077]
+    assert not loose, loose
+    shard = next((run / "data" / "train").glob("*.parquet"))
+    assert shard.stat().st_mode & 0o777 == 0o664  # the job's own outputs: as the submitting shell's umask makes them
+
+    shared = tmp_path / "shared-folder"
+    shared.mkdir()
+    shared.chmod(0o775)
+    proc = medgen("run", "--executor", "slurm", *COMMON, f"run.dir={tmp_path / 'r2'}", f"slurm.folder={shared}",
+                  check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert [ln for ln in proc.stderr.splitlines() if ln.startswith("medgen:")] == [
+        f"medgen: error: slurm.folder {shared}: group or others can write to it (mode 775), and SLURM jobs run the "
+        "pickles submitted into it; chmod go-w it, or choose another slurm.folder"]
+    assert list(shared.iterdir()) == []
 
 
 # --------------------------------------------------------------------------- no cluster needed

@@ -13,7 +13,7 @@ SEP = 50256
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    from tests.conftest import medgen
+    from tests.helpers import medgen
 
     run = tmp_path_factory.mktemp("stream")
     medgen("prepare", "--config", "configs/tiny.yaml", f"run.dir={run}", "data.num_shards=4")

@@ -11,11 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from safetensors.torch import load_file
 
 from medgen import config, sweep
 from medgen.errors import ConfigError
-from tests.conftest import medgen
+from tests.helpers import adapter, medgen
 
 # 2 x 2: polynomial decay does not take cosine's num_cycles, so exactly one point fails, in training
 GRID = ["--grid", "train.lr_scheduler=cosine,polynomial",
@@ -32,10 +31,6 @@ def _name(i: int) -> str:
 
 def _overrides(settings: dict) -> list[str]:
     return [f"{k}={json.dumps(v)}" for k, v in settings.items()]
-
-
-def _adapter(run: Path) -> dict:
-    return load_file(str(run / "adapter" / "adapter_model.safetensors"))
 
 
 def _bitwise(a: dict, b: dict) -> bool:
@@ -119,7 +114,7 @@ def _check_sweep_outputs(run: Path, standalone: dict[int, Path]) -> None:
     assert sorted(p.relative_to(run).as_posix() for p in run.rglob("manifest.json")) == ["data/manifest.json"]
     for i, alone in standalone.items():
         point = run / _name(i)
-        assert _bitwise(_adapter(point), _adapter(alone)), _name(i)
+        assert _bitwise(adapter(point), adapter(alone)), _name(i)
         mine, theirs = (json.loads((r / "eval" / "metrics.json").read_text()) for r in (point, alone))
         for key in ("perplexity", "nll_sum", "tokens", "ci95"):
             assert mine["tuned"][key] == theirs["tuned"][key], (i, key)
@@ -253,7 +248,7 @@ def test_slurm_sweep_runs_job_arrays_and_reports_the_failed_element(slurm_cluste
 def test_a_preempted_element_alone_is_requeued_and_resumes_exactly(slurm_cluster, tmp_path):
     from submitit.slurm.slurm import SlurmJob
 
-    from tests.test_train import _max_diff, _samples
+    from tests.test_train import max_diff, _samples
 
     run, steps = tmp_path / "pre", 12
     # two points that train the same adapter (they differ in generation only): point 1 is point 0 uninterrupted
@@ -280,7 +275,7 @@ def test_a_preempted_element_alone_is_requeued_and_resumes_exactly(slurm_cluster
     assert len(resumed) == 1 and 2 <= int(resumed[0]) < steps and f"Requeued job {train['elements'][0]}" in log_text
     a, b = (run / f"generate.max_new_tokens={n}" for n in (8, 12))
     assert "resuming from" not in Path(train["logs"][1][0]).read_text()
-    assert _max_diff(_adapter(a), _adapter(b)) <= 1e-6
+    assert max_diff(adapter(a), adapter(b)) <= 1e-6
     assert _samples(a, steps) == _samples(b, steps)  # no block trained twice or skipped
     res = json.loads((run / "report" / "compare.json").read_text())
     assert [r["status"] for r in res["points"]] == ["completed", "completed"]  # compare ran after the train array

@@ -11,48 +11,33 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from tests.conftest import ROOT, medgen
+from tests.helpers import REFERENCE_STEPS, REFERENCE_TRAIN, ROOT, TINY, adapter, command, env, max_diff
 
 pytestmark = pytest.mark.slow
-STEPS = 8
+STEPS = REFERENCE_STEPS
 DROPOUT = "lora.dropout=0.05"  # the resume runs keep LoRA dropout on: resuming must restore its RNG too
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    run = tmp_path_factory.mktemp("train-data")
-    medgen("prepare", "--config", "configs/tiny.yaml", f"run.dir={run}", "data.num_shards=2")
-    return str(run / "data")
+def shards(tiny_run):
+    return str(tiny_run / "data")
 
 
 def _cmd(nproc: int, run_dir: Path, shards: str, *extra: str) -> list[str]:
-    args = ["train", "--config", "configs/tiny.yaml", f"run.dir={run_dir}", f"data.shards={shards}",
-            f"train.max_steps={STEPS}", "train.data_streams=2", "train.warmup_steps=2", *extra]
+    """The reference run's settings (helpers.REFERENCE_TRAIN), then ``extra`` (later settings win)."""
+    args = ["train", *TINY, f"run.dir={run_dir}", f"data.shards={shards}", *REFERENCE_TRAIN, *extra]
     if nproc == 1:
-        return [sys.executable, "-m", "medgen", *args]
+        return command(*args)
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     return [torchrun, "--nproc_per_node", str(nproc), "--master_port", str(random.randint(20000, 40000)),
             "-m", "medgen", *args]
 
 
-def _env() -> dict:
-    return {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-
-
 def _run(nproc, run_dir, shards, *extra):
-    proc = subprocess.run(_cmd(nproc, run_dir, shards, *extra), cwd=ROOT, env=_env(), capture_output=True,
+    proc = subprocess.run(_cmd(nproc, run_dir, shards, *extra), cwd=ROOT, env=env(), capture_output=True,
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return run_dir
-
-
-def _adapter(run_dir):
-    return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
-
-
-def _max_diff(a, b):
-    assert a.keys() == b.keys()
-    return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
 def _samples(run_dir, steps: int = STEPS):
@@ -71,21 +56,21 @@ def _steps_done(run_dir) -> int:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, shards):
-    """Uninterrupted runs (LoRA dropout on, so resuming must restore the RNG too)."""
-    base = tmp_path_factory.mktemp("ref")
-    return {n: _run(n, base / f"p{n}", shards, f"train.batch_size={4 // n}", DROPOUT) for n in (1, 2)}
+def reference(tmp_path_factory, shards, reference_run):
+    """Uninterrupted runs (LoRA dropout on, so resuming must restore the RNG too): the shared one-process
+    reference, and the same global batch on two processes."""
+    return {1: reference_run, 2: _run(2, tmp_path_factory.mktemp("ref") / "p2", shards, "train.batch_size=2", DROPOUT)}
 
 
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path, shards):
     one = _run(1, tmp_path / "one", shards, "train.batch_size=4", "lora.dropout=0")
     two = _run(2, tmp_path / "two", shards, "train.batch_size=2", "lora.dropout=0")
-    assert _max_diff(_adapter(one), _adapter(two)) < 1e-5
+    assert max_diff(adapter(one), adapter(two)) < 1e-5
     s1, s2 = _samples(one)["rank-00000.jsonl"], _samples(two)
     r0, r1 = s2["rank-00000.jsonl"], s2["rank-00001.jsonl"]
     assert not {x for step in r0 for x in step} & {x for step in r1 for x in step}  # disjoint data
     assert [sorted(a) for a in s1] == [sorted(a + b) for a, b in zip(r0, r1)]  # same global batches
-    assert max(v.abs().max().item() for k, v in _adapter(one).items() if "lora_B" in k) > 1e-4  # it trained
+    assert max(v.abs().max().item() for k, v in adapter(one).items() if "lora_B" in k) > 1e-4  # it trained
     logged = [json.loads(x) for x in (two / "train_log.jsonl").read_text().splitlines()]
     steps = [r for r in logged if "loss" in r]
     assert steps and all(len(r["peak_memory_gb_per_rank"]) == 2 and min(r["peak_memory_gb_per_rank"]) > 0.1
@@ -109,7 +94,7 @@ def _interrupt(nproc, run_dir, shards, how):
     extra = [f"train.batch_size={4 // nproc}", DROPOUT,
              "train.save_steps=2" if how == "kill9" else "train.save_steps=0"]
     stop_at = random.Random(f"{nproc}{how}").randint(2, STEPS - 2)
-    proc = subprocess.Popen(_cmd(nproc, run_dir, shards, *extra), cwd=ROOT, env=_env(), start_new_session=True,
+    proc = subprocess.Popen(_cmd(nproc, run_dir, shards, *extra), cwd=ROOT, env=env(), start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 600
     ckpts = run_dir / "checkpoints"
@@ -134,7 +119,7 @@ def _interrupt(nproc, run_dir, shards, how):
 @pytest.mark.parametrize("nproc,how", [(1, "sigterm"), (2, "sigterm"), (1, "kill9"), (2, "kill9")])
 def test_resume_after_interruption_is_exact(tmp_path, shards, reference, nproc, how):
     resumed = _interrupt(nproc, tmp_path / "run", shards, how)
-    assert _max_diff(_adapter(resumed), _adapter(reference[nproc])) <= 1e-6
+    assert max_diff(adapter(resumed), adapter(reference[nproc])) <= 1e-6
     assert _samples(resumed) == _samples(reference[nproc])  # no block trained twice or skipped
 
 
@@ -147,7 +132,7 @@ def test_checkpoints_keep_the_last_k_complete(tmp_path, shards):
         assert (run / "checkpoints" / "step-8" / name).exists(), name
     # resuming it with another data order is one line, not a traceback
     changed = subprocess.run(_cmd(1, run, shards, "train.data_streams=1", f"train.max_steps={STEPS + 2}"), cwd=ROOT,
-                             env=_env(), capture_output=True, text=True, timeout=900)
+                             env=env(), capture_output=True, text=True, timeout=900)
     assert changed.returncode == 2 and "Traceback" not in changed.stderr, changed.stderr[-3000:]
     assert changed.stderr.strip().splitlines()[-1].startswith(
         f"medgen: error: train.data_streams: checkpoint {run / 'checkpoints' / 'step-8'} was trained with 2 data "
@@ -158,8 +143,8 @@ def test_loraplus_moves_b_at_ratio_times_the_rate(tmp_path, shards):
     # One AdamW step from B = 0: A gets no gradient yet and each B entry moves by its group's rate (Adam's first
     # step is lr * g / |g|), so max |B| is the rate itself.
     one_step = ["train.max_steps=1", "train.warmup_steps=0", "train.lr_scheduler=constant", "lora.dropout=0"]
-    plain = _adapter(_run(1, tmp_path / "plain", shards, *one_step))
-    plus = _adapter(_run(1, tmp_path / "plus", shards, *one_step, "train.loraplus_lr_ratio=4"))
+    plain = adapter(_run(1, tmp_path / "plain", shards, *one_step))
+    plus = adapter(_run(1, tmp_path / "plus", shards, *one_step, "train.loraplus_lr_ratio=4"))
     lr = 1e-3  # configs/tiny.yaml
 
     def b_max(adapter):
@@ -170,10 +155,10 @@ def test_loraplus_moves_b_at_ratio_times_the_rate(tmp_path, shards):
 
 
 def test_top_layers_adapts_only_the_top_blocks(tmp_path, shards):
-    adapter = _adapter(_run(1, tmp_path / "top", shards, "train.max_steps=1", "lora.top_layers=1"))
-    blocks = {k.split(".h.")[1].split(".")[0] for k in adapter}  # tiny-gpt2: transformer.h.<i>.
-    assert blocks == {"1"}, sorted(adapter)
-    assert {k.split(".h.1.")[1].rsplit(".lora_", 1)[0] for k in adapter} == {"attn.c_attn", "attn.c_proj",
+    tensors = adapter(_run(1, tmp_path / "top", shards, "train.max_steps=1", "lora.top_layers=1"))
+    blocks = {k.split(".h.")[1].split(".")[0] for k in tensors}  # tiny-gpt2: transformer.h.<i>.
+    assert blocks == {"1"}, sorted(tensors)
+    assert {k.split(".h.1.")[1].rsplit(".lora_", 1)[0] for k in tensors} == {"attn.c_attn", "attn.c_proj",
                                                                               "mlp.c_fc", "mlp.c_proj"}
 
 
@@ -208,7 +193,7 @@ def test_zero2_and_zero3_presets_train_the_same_adapter_on_two_cpu_processes(tmp
     a2, a3 = ({n: p.detach() for n, p in m.named_parameters() if ".lora_" in n} for m in reloaded)
     assert a2 and a2.keys() == a3.keys() and all(a2[k].shape == a3[k].shape for k in a2)
     assert max(v.abs().max().item() for k, v in a3.items() if "lora_B" in k) > 1e-4  # it trained
-    assert _max_diff(a2, a3) < 1e-5
+    assert max_diff(a2, a3) < 1e-5
     # train.merge under ZeRO-3: whole merged weights (merging the sharded training model saved empty ones)
     merged = load_file(str(z3 / "merged" / "model.safetensors"))
     expected = reloaded[1].merge_and_unload().state_dict()
@@ -217,7 +202,7 @@ def test_zero2_and_zero3_presets_train_the_same_adapter_on_two_cpu_processes(tmp
 
 
 def test_accelerate_preset_starts_two_processes(tmp_path, shards):
-    run = _preset("cpu2", tmp_path / "acc", shards, "train.max_steps=2", env=_env())
+    run = _preset("cpu2", tmp_path / "acc", shards, "train.max_steps=2", env=env())
     assert sorted(p.name for p in (run / "samples").glob("*.jsonl")) == ["rank-00000.jsonl", "rank-00001.jsonl"]
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 from tests.test_slurm import _jobs, _wait
 
 pytestmark = pytest.mark.slurm
