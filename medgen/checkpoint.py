@@ -3,7 +3,8 @@
 The Trainer writes ``checkpoint-N`` (adapter, optimizer, scheduler, every rank's RNG state); every rank
 adds its data streams' positions; rank 0 then writes ``medgen.json`` and renames the folder ``step-N``.
 That rename is the commit point: only ``step-N`` folders are ever resumed from, so a checkpoint cut short
-(a kill, a full disk) is never used. The newest ``keep`` complete ones are kept.
+(a kill, a full disk) is never used. The newest ``keep`` complete ones are kept, and the best one by
+validation loss (its step is in the newest one's ``medgen.json``) whatever its age.
 """
 from __future__ import annotations
 
@@ -50,15 +51,28 @@ class Checkpoints:
     def add_stream_state(self, step: int, rank: int, state: dict[str, Any]) -> None:
         (self.partial(step) / f"stream-rank-{rank:05d}.json").write_text(json.dumps(state))
 
-    def commit(self, step: int, world_size: int) -> Path:
-        """Rank 0, once every rank has written its part: mark the checkpoint complete, rename it ``step-N``
-        (the commit point), drop the oldest complete ones beyond ``keep``."""
+    def commit(self, step: int, world_size: int, validation: dict[str, Any] | None = None) -> Path:
+        """Rank 0, once every rank has written its part: mark the checkpoint complete (with the validation
+        state, medgen/validate.py), rename it ``step-N`` (the commit point), drop the oldest complete ones
+        beyond ``keep``, never the best step's."""
         ckpt, final = self.partial(step), self.directory / f"step-{step}"
-        (ckpt / COMMITTED).write_text(json.dumps({"step": step, "world_size": world_size}))
+        info = {"step": step, "world_size": world_size, **({"validation": validation} if validation else {})}
+        (ckpt / COMMITTED).write_text(json.dumps(info))
         atomic.commit_dir(ckpt, final)
+        best = (validation or {}).get("best_step")
         for old in self.complete()[:-self.keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            if self.step(old) != best:
+                shutil.rmtree(old, ignore_errors=True)
         return final
+
+    @staticmethod
+    def info(ckpt: Path) -> dict[str, Any]:
+        """What the commit recorded: step, world size, the validation state."""
+        return json.loads((ckpt / COMMITTED).read_text())
+
+    def at(self, step: int) -> Path | None:
+        """The complete checkpoint of ``step``, if it is there."""
+        return next((p for p in self.complete() if self.step(p) == step), None)
 
     @staticmethod
     def stream_state(ckpt: Path, num_streams: int, stream_ids: list[int], world: int) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from medgen import atomic, evaluate, report, sweep
+from medgen import atomic, evaluate, judge, provenance, report, sweep
 from medgen.config import Config
 from medgen.data.storage import disk_errors
 from medgen.launch import records
@@ -90,7 +90,10 @@ def load_point(p: dict, sweep_dir: Path, stages: list[str]) -> dict[str, Any]:
     out["metrics"] = report.read_json(layout.metrics) if done["evaluate"] else None
     out["articles"] = report.read_jsonl(layout.eval_articles) if done["evaluate"] else []
     out["train_log"] = report.read_jsonl(layout.train_log)
+    trained = provenance.read(layout, "train") if done["train"] else None
+    out["validation"] = (trained or {}).get("resolved", {}).get("validation") or None  # of the saved adapter
     out["generations"] = report.read_jsonl(layout.generations_file) if done["generate"] else []
+    out["base_generations"] = report.read_jsonl(layout.base_generations_file) if done["generate"] else []
     return out
 
 
@@ -110,9 +113,9 @@ def compare(cfg: Config) -> dict[str, Any]:
         "bootstrap": {"resamples": cfg.eval.bootstrap, "seed": cfg.eval.seed, "unit": "article",
                       "draws": "evaluate.bootstrap_counts(articles, resamples, seed)", "interval": "percentile 95%",
                       "paired": "every run's perplexity from the same resampled articles in each replicate"},
-        "base": None, "best": None, "points": [], "_points": pts}
+        "base": None, "best": None, "chosen_on": None, "points": [], "_points": pts}
     if not scored:
-        out["points"] = [_row(p, {}, {}, None) for p in pts]
+        out["points"] = [_row(p, {}, {}, None, cfg.eval.bootstrap, cfg.eval.seed) for p in pts]
         return out
     ref = scored[0]["articles"]  # the base model is the same in every point: scored with the adapter off
     ids = [r["id"] for r in ref]
@@ -121,19 +124,25 @@ def compare(cfg: Config) -> dict[str, Any]:
     boots = {p["name"]: replicates(p["articles"], "tuned", counts) for p in same}
     boots[BASE] = replicates(ref, "base", counts)
     ppl = {p["name"]: point_ppl(p["articles"], "tuned") for p in same} | {BASE: point_ppl(ref, "base")}
-    best = min((p["name"] for p in same), key=ppl.__getitem__)
-    out.update(articles=len(ref), best=best, base={
+    # chosen on validation, measured on test: choosing on the test set would bias the reported best low
+    chosen_on = "validation" if all(p["validation"] for p in same) else out["split"]
+    choose = (lambda n: next(p for p in same if p["name"] == n)["validation"]["perplexity"]) \
+        if chosen_on == "validation" else ppl.__getitem__
+    best = min((p["name"] for p in same), key=choose)
+    out.update(articles=len(ref), best=best, chosen_on=chosen_on, base={
         "perplexity": ppl[BASE], "ci95": evaluate.interval(boots[BASE]), "from_point": scored[0]["name"],
         "bits_per_byte": scored[0]["metrics"]["base"]["bits_per_byte"]})
-    out["points"] = [_row(p, boots, ppl, best) for p in pts]
+    out["points"] = [_row(p, boots, ppl, best, cfg.eval.bootstrap, cfg.eval.seed) for p in pts]
     return out
 
 
-def _row(p: dict, boots: dict, ppl: dict, best: str | None) -> dict[str, Any]:
+def _row(p: dict, boots: dict, ppl: dict, best: str | None, resamples: int = 1000, seed: int = 0) -> dict[str, Any]:
     tps = [r["tokens_per_s"] for r in p["train_log"] if "tokens_per_s" in r]
     row = {k: p[k] for k in ("index", "name", "settings", "run_dir", "status", "failed_stage", "log", "error")
            if k in p}
-    row.update(train_seconds=_train_time(p["train_log"]), tokens_per_s=statistics.median(tps) if tps else None)
+    row.update(train_seconds=_train_time(p["train_log"]), tokens_per_s=statistics.median(tps) if tps else None,
+               validation=p["validation"],
+               judge=judge.paired(p["base_generations"], p["generations"], resamples, seed) or None)
     name = p["name"]
     if name in boots:
         row.update(perplexity=ppl[name], ci95=evaluate.interval(boots[name]),
@@ -183,8 +192,18 @@ def _markdown(cfg: Config, res: dict, pts: list[dict], out: Path) -> list[str]:
     lines = [f"# medgen sweep: {cfg.run.name}", ""]
     if res["best"]:
         best = next(r for r in res["points"] if r["name"] == res["best"])
-        lines += [f"**Best: `{best['name']}`, perplexity {best['perplexity']:.3f}** (base {res['base']['perplexity']:.3f}) "
-                  f"on {res['articles']} `{res['split']}` articles; {len(res['points'])} points.", ""]
+        if res["chosen_on"] == "validation":
+            v = best["validation"]
+            lines += [f"**Best: `{best['name']}`**, chosen by the lowest validation perplexity ({v['perplexity']:.3f} on "
+                      f"{v['articles']} validation articles, at its adapter's step {v['step']}); measured on the test "
+                      f"split: **perplexity {best['perplexity']:.3f}** (base {res['base']['perplexity']:.3f}) on "
+                      f"{res['articles']} `{res['split']}` articles; {len(res['points'])} points. The test articles "
+                      "played no part in the choice.", ""]
+        else:
+            lines += [f"**Best: `{best['name']}`, perplexity {best['perplexity']:.3f}** (base "
+                      f"{res['base']['perplexity']:.3f}) on {res['articles']} `{res['split']}` articles; "
+                      f"{len(res['points'])} points. Chosen on the `{res['split']}` split itself (not every point "
+                      "validated during training: train.validate): its perplexity is biased low as an estimate.", ""]
     lines += _points_table(res)
     lines += [f"Perplexity = exp(sum of token NLL / tokens) over the articles. Intervals: {b['resamples']} bootstrap "
               f"resamples of the articles (seed {b['seed']}), the same resamples for every point and the base model, "
@@ -196,7 +215,8 @@ def _markdown(cfg: Config, res: dict, pts: list[dict], out: Path) -> list[str]:
                   + (f": {report.cell(r['error'])}" if r.get("error") else "") for r in failed] + [""]
     png = plot_losses(pts, out / "losses.png")
     if png:
-        lines += ["## Training loss", "", f"![training loss of every point]({png})", ""]
+        lines += ["## Loss curves", "", f"![train and validation loss of every point]({png})", ""]
+    lines += _judge_table(res)
     best_pt = next((p for p in pts if p["name"] == res["best"]), None)
     if best_pt and report.plot_per_tag(best_pt["metrics"], out / "per_tag.png"):
         lines += ["## Perplexity by tag: best point (tuned) vs base", "", "![perplexity by tag](per_tag.png)", ""]
@@ -210,28 +230,52 @@ def _points_table(res: dict) -> list[str]:
         settings = [f"`{report.cell(sweep.label(r['settings'][k]))}`" for k in keys]
         if "perplexity" not in r:
             rows.append([*settings, r["status"] + (f" ({r['failed_stage']})" if "failed_stage" in r else ""),
-                         *["n/a"] * 7])
+                         *["n/a"] * 8])
             continue
-        tps, secs = r["tokens_per_s"], r["train_seconds"]
-        rows.append([*settings, r["status"], f"**{r['perplexity']:.3f}**" if r["name"] == res["best"] else
+        tps, secs, v = r["tokens_per_s"], r["train_seconds"], r.get("validation")
+        val = f"{v['perplexity']:.3f}" if v else "n/a"
+        rows.append([*settings, r["status"], f"**{val}**" if r["name"] == res["best"] and v else val,
                      f"{r['perplexity']:.3f}", _ci(r["ci95"]), f"{r['bits_per_byte']:.4f}",
                      f"{secs:.1f}" if secs is not None else "n/a", f"{tps:,.0f}" if tps else "n/a",
                      _diff(r["vs_best"]), _diff(r["vs_base"])])
-    head = [*keys, "status", "perplexity", "95% CI", "bits/byte", "train s", "tokens/s",
+    head = [*keys, "status", "validation ppl", "test perplexity", "95% CI", "bits/byte", "train s", "tokens/s",
             "vs best (95% CI)", "vs base (95% CI)"]
     return report.md_table(head, rows)
 
 
+def _judge_table(res: dict) -> list[str]:
+    """Each point's completions against the base model's on the same prompts: judge scores, paired (judge.py)."""
+    rows = []
+    for r in res["points"]:
+        j = r.get("judge")
+        if not j:
+            continue
+        f, rel = j["log_fluency_perplexity"], j["relevance"]
+        rows.append([f"`{r['name']}`", j["prompts"],
+                     f"x{math.exp(f['difference']):.3f} ({math.exp(f['ci95'][0]):.3f} to {math.exp(f['ci95'][1]):.3f})",
+                     f"{rel['difference']:+.3f} ({rel['ci95'][0]:+.3f} to {rel['ci95'][1]:+.3f})"])
+    if not rows:
+        return []
+    return ["## Fluency and relevance vs the base model", "",
+            "Judge scores of each point's completions against the base model's on the same prompts (medgen/judge.py): "
+            "fluency as the ratio of judge perplexities (below 1 = more fluent), relevance as the difference in "
+            "nats/token (above 0 = more on topic); paired 95% bootstrap intervals over the prompts.", ""] + report.md_table(
+        ["point", "prompts", "fluency ratio tuned/base (95% CI)", "relevance tuned - base (95% CI)"], rows)
+
+
 def plot_losses(pts: list[dict], out: Path) -> str | None:
-    curves = [(p["name"], [(r["step"], r["loss"]) for r in p["train_log"] if "loss" in r]) for p in pts]
-    curves = [(n, c) for n, c in curves if c]
+    curves = [(p["name"], [(r["step"], r["loss"]) for r in p["train_log"] if "loss" in r],
+               [(r["step"], r["eval_loss"]) for r in p["train_log"] if "eval_loss" in r]) for p in pts]
+    curves = [(n, c, v) for n, c, v in curves if c]
     if not curves:
         return None
     plt = report.pyplot()
     fig, ax = plt.subplots(figsize=(8, 4))
-    for name, c in curves:
-        ax.plot(*zip(*c), marker=".", label=name)
-    ax.set(title="training loss", xlabel="step", ylabel="loss (nats/token)")
+    for name, c, v in curves:
+        line, = ax.plot(*zip(*c), marker=".", alpha=0.5, label=f"{name} (train)")
+        if v:
+            ax.plot(*zip(*v), marker="o", linestyle="--", color=line.get_color(), label=f"{name} (validation)")
+    ax.set(title="loss: train (solid) and validation (dashed)", xlabel="step", ylabel="loss (nats/token)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out)

@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from medgen import atomic, models, provenance
+from medgen import atomic, models
+from medgen import provenance as run_records
 from medgen.config import Config
 from medgen.data import shards, stream
 from medgen.data.storage import disk_errors
@@ -112,13 +113,24 @@ def target_logits(model, ids: torch.Tensor, keep: torch.Tensor, use_mask: bool) 
 
 
 def score(model, articles: list[dict], sep: int, context: int, stride: int, batch_size: int,
-          device: torch.device, desc: str = "score") -> list[tuple[float, int]]:
-    """Per-article (NLL sum in float64, predicted tokens)."""
+          device: torch.device, desc: str = "score", min_batches: int = 0) -> list[tuple[float, int]]:
+    """Per-article (NLL sum in float64, predicted tokens). ``min_batches``: run at least this many forward
+    passes (the extra ones on a one-token window, results dropped), for a sharded model whose every rank must
+    take part in every forward pass (ZeRO-3)."""
     work = plan(articles, sep, context, stride)
-    window_nll = [0.0] * len(work)
+    return _per_article(work, window_nll(model, work, batch_size, device, desc, min_batches), len(articles))
+
+
+def window_nll(model, work: list[Window], batch_size: int, device: torch.device, desc: str = "score",
+               min_batches: int = 0) -> list[float]:
+    """The NLL sum (float64) of each window's targets, in ``work``'s order, ``batch_size`` windows a pass."""
+    out = [0.0] * len(work)
     use_mask = accepts_logits_mask(model)
     steps = range(0, len(work), batch_size)
     with torch.inference_mode():
+        for _ in range(len(steps), min_batches):
+            ids, keep, _t = collate([Window(0, [0, 0], 1)], device)
+            target_logits(model, ids, keep, use_mask)
         for s in tqdm(steps, desc=desc, unit=" batch", disable=None, leave=False):
             batch = work[s:s + batch_size]
             ids, keep, targets = collate(batch, device)
@@ -126,8 +138,8 @@ def score(model, articles: list[dict], sep: int, context: int, stride: int, batc
             token_nll = F.cross_entropy(logits.float(), targets, reduction="none").double()
             rows = keep.nonzero()[:, 0]  # row of every kept position, in the same row-major order
             per_row = torch.zeros(len(batch), dtype=torch.float64, device=device).index_add_(0, rows, token_nll)
-            window_nll[s:s + len(batch)] = per_row.tolist()  # one host sync per batch
-    return _per_article(work, window_nll, len(articles))
+            out[s:s + len(batch)] = per_row.tolist()  # one host sync per batch
+    return out
 
 
 def _per_article(work: list[Window], window_nll: list[float], n: int) -> list[tuple[float, int]]:
@@ -226,7 +238,7 @@ def run(cfg: Config) -> dict[str, Any]:
     tok = models.load_tokenizer(cfg.model.name_or_path, cfg.model.revision)
     articles = _load_split(cfg, tok)
     model, has_adapter = _load_model(cfg, state.device)
-    context, stride = _effective_window(model, e.context, e.stride)
+    context, stride = effective_window(model, e.context, e.stride)
     mine = articles[state.process_index::state.num_processes]  # disjoint by article, no sampler padding
     log.info("evaluate: %d of %d %s articles on rank %d/%d, context %d, stride %d, %d threads", len(mine),
              len(articles), e.split, state.process_index, state.num_processes, context, stride, threads)
@@ -272,7 +284,7 @@ def _load_model(cfg: Config, device: torch.device):
     return model.to(device).eval(), has_adapter
 
 
-def _effective_window(model, context: int, stride: int) -> tuple[int, int]:
+def effective_window(model, context: int, stride: int) -> tuple[int, int]:
     cfg = model.config
     limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or context
     if context > limit:
@@ -318,6 +330,10 @@ def build_metrics(cfg: Config, rows: list[dict], totals: dict, n_bytes: int, n_a
     }
     out: dict[str, Any] = {"split": e.split, **provenance, "world_size": info["world"],
                            "bootstrap": {"resamples": e.bootstrap, "seed": e.seed, "unit": "article"}}
+    trained = run_records.read(cfg.layout, "train") if info["has_adapter"] else None
+    if trained:  # which step the scored adapter is, and why training stopped (medgen/validate.py)
+        r = trained["resolved"]
+        out["training"] = {k: r.get(k) for k in ("adapter_step", "adapter_choice", "steps", "stopped")}
     tok = np.array([r["tokens"] for r in rows], dtype=np.float64)
     counts = bootstrap_counts(len(rows), e.bootstrap, e.seed)
     boots = {}
@@ -357,6 +373,6 @@ def _write_outputs(cfg: Config, rows: list[dict], metrics: dict) -> None:
             atomic.directory(layout.eval) as tmp:
         (tmp / layout.eval_articles.name).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
         (tmp / layout.metrics.name).write_text(json.dumps(metrics, indent=2), encoding="utf-8")
-        provenance.write(cfg, "evaluate", tmp, world_size=metrics["world_size"], context=metrics["context"],
+        run_records.write(cfg, "evaluate", tmp, world_size=metrics["world_size"], context=metrics["context"],
                          stride=metrics["stride"], model_fingerprint=metrics["model_fingerprint"],
                          adapter_fingerprint=metrics["adapter_fingerprint"])

@@ -123,7 +123,8 @@ def _first_stop(text: str, stops: list[str]) -> int:
 
 
 def line_header(cfg: Config, adapter: bool = True) -> dict[str, Any]:
-    """The fields every line shares; computable without loading the model (the rerun check needs it)."""
+    """The fields every line shares; computable without loading the model (the rerun check needs it). ``judge``:
+    the model that scored the first generate.judge_prompts prompts' completions ('' = none)."""
     adapter_dir = cfg.layout.adapter
     has_adapter = adapter and cfg.layout.finished("train")
     return {
@@ -132,6 +133,7 @@ def line_header(cfg: Config, adapter: bool = True) -> dict[str, Any]:
         "adapter_fingerprint": models.adapter_fingerprint(adapter_dir) if has_adapter else "",
         "params": gen_params(cfg.generate),
         "seed": cfg.generate.seed,
+        "judge": (cfg.generate.judge or cfg.model.name_or_path) if cfg.generate.judge_prompts else "",
     }
 
 
@@ -166,7 +168,7 @@ class Generator:
     def __init__(self, cfg: Config, device: torch.device, header: dict[str, Any] | None = None, adapter: bool = True):
         self.g = g = cfg.generate
         self.device = device
-        self.header = header or line_header(cfg, adapter)
+        self.header = header or {**line_header(cfg, adapter), "judge": ""}  # direct modes score nothing
         self.tok = models.load_tokenizer(cfg.model.name_or_path, cfg.model.revision, padding_side="left")
         model = models.load_model(cfg.model.name_or_path, cfg.model.revision, torch.float32)
         self.adapter_merged, self.merge_diff = False, float("nan")
@@ -290,17 +292,39 @@ def run(cfg: Config) -> dict[str, Any]:
     prompts = read_prompts(g.prompts, cfg.data.storage_options, cfg.data.retry_seconds)
     layout = cfg.layout
     layout.generations.mkdir(parents=True, exist_ok=True)
+    judge = LazyJudge(cfg, state.device, {p["id"] for p in prompts[:g.judge_prompts]})
     tuned = OutputSet("", line_header(cfg), layout.generations_file, adapter=True)
     if tuned.header["adapter_fingerprint"] and g.base_prompts:
         base = OutputSet("base-", line_header(cfg, adapter=False), layout.base_generations_file, adapter=False)
-        _complete_once(cfg, state, expand(prompts[:g.base_prompts], g.num_samples), base, "generate (base model)")
+        _complete_once(cfg, state, expand(prompts[:g.base_prompts], g.num_samples), base, "generate (base model)",
+                       judge=judge)
     items = expand(prompts, g.num_samples)
-    _complete_once(cfg, state, items, tuned, "generate", record=True)
+    _complete_once(cfg, state, items, tuned, "generate", record=True, judge=judge)
     return {"prompts": len(prompts), "lines": len(items), "path": str(layout.generations_file)}
 
 
+class LazyJudge:
+    """The judge model, loaded the first time a batch holds a completion to score (medgen/judge.py)."""
+
+    def __init__(self, cfg: Config, device: torch.device, ids: set[str]):
+        self.cfg, self.device, self.ids, self.judge = cfg, device, ids, None
+
+    def add_scores(self, records: list[dict[str, Any]]) -> None:
+        todo = [r for r in records if r["id"] in self.ids]
+        if not todo:
+            return
+        if self.judge is None:
+            from medgen.judge import Judge
+
+            g = self.cfg.generate
+            self.judge = Judge.load(g.judge or self.cfg.model.name_or_path, "" if g.judge else self.cfg.model.revision,
+                                    self.device)
+        for r, s in zip(todo, self.judge.score([(r["prompt"], r["completion"]) for r in todo])):
+            r.update(s or {"fluency_perplexity": None, "relevance": None})
+
+
 def _complete_once(cfg: Config, state, items: list[dict[str, Any]], out: OutputSet, desc: str,
-                   record: bool = False) -> None:
+                   record: bool = False, judge: LazyJudge | None = None) -> None:
     """Every item of ``items`` completed once into ``out``, whatever ran before and on however many ranks."""
     from tqdm.auto import tqdm
 
@@ -323,6 +347,8 @@ def _complete_once(cfg: Config, state, items: list[dict[str, Any]], out: OutputS
             try:
                 with tqdm(total=len(mine), desc=desc, unit=" completion", disable=None) as bar:
                     for records in gen.run(mine):
+                        if judge:
+                            judge.add_scores(records)
                         _append(fd, records)
                         bar.update(len(records))
             finally:

@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from medgen import atomic, provenance
+from medgen import atomic, judge, provenance
 from medgen.config import Config
 from medgen.data import shards
 from medgen.data.retry import retrying
@@ -114,14 +114,18 @@ def pyplot():
 
 
 def plot_training(rows: list[dict], out: Path) -> str | None:
+    val = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
     rows = [r for r in rows if "loss" in r]
     if not rows:
         return None
     plt = pyplot()
     steps = [r["step"] for r in rows]
     fig, ax = plt.subplots(1, 3, figsize=(12, 3.2))
-    ax[0].plot(steps, [r["loss"] for r in rows], marker=".", color="tab:blue")
-    ax[0].set(title="training loss", xlabel="step", ylabel="loss (nats/token)")
+    ax[0].plot(steps, [r["loss"] for r in rows], marker=".", color="tab:blue", label="train")
+    if val:
+        ax[0].plot(*zip(*val), marker="o", color="tab:red", label="validation")
+        ax[0].legend(loc="best", fontsize=8)
+    ax[0].set(title="loss: train vs validation" if val else "training loss", xlabel="step", ylabel="loss (nats/token)")
     ax[1].plot(steps, [r.get("learning_rate", float("nan")) for r in rows], color="tab:orange")
     ax[1].set(title="learning rate", xlabel="step")
     tps = [(r["step"], r["tokens_per_s"]) for r in rows if "tokens_per_s" in r]
@@ -218,6 +222,11 @@ def _section_config(records: dict[str, dict | None], prep: dict | None, data_url
                  ["training", f"{t['max_steps']} steps x {t['batch_size']} x {t['max_length']} tokens (grad accum "
                               f"{t['grad_accum']}) x {r.get('world_size', 1)} process(es), lr {t['learning_rate']} "
                               f"{t['lr_scheduler']}, precision {r.get('precision', t['precision'])}, packing {t['packing']}"]]
+        if r.get("adapter_step") is not None:
+            v = r.get("validation") or {}
+            score = (f", validation perplexity {v['perplexity']:.3f} on {v['articles']} articles" if v else "")
+            rows.append(["adapter", f"step {r['adapter_step']} of {r.get('steps')} ({r.get('adapter_choice')}{score}); "
+                                    f"stopped: {r.get('stopped')}"])
     else:
         rows.append(["training", "no record (adapter/medgen_config.json): not trained, or trained before runs "
                                  "recorded their settings"])
@@ -306,6 +315,30 @@ def _stat_cells(stats: dict) -> list[str]:
     return [_fmt(stats.get(k)) for k in STAT_KEYS]
 
 
+def section_judge(p: dict, judge_name: str, title: str = "Fluency and relevance (judge model)") -> list[str]:
+    """Base vs tuned on the same prompts: judge scores, paired means with bootstrap intervals (medgen/judge.py)."""
+    if not p:
+        return []
+    f, r = p["log_fluency_perplexity"], p["relevance"]
+
+    def verdict(lo: float, hi: float, better_low: bool) -> str:
+        if lo <= 0 <= hi:
+            return "no clear difference"
+        return "tuned better" if (hi < 0) == better_low else "tuned worse"
+
+    rows = [["fluency: judge perplexity of the completion given its prompt (geometric mean; lower = more fluent)",
+             _fmt(math.exp(f["base"]), 2), _fmt(math.exp(f["tuned"]), 2),
+             f"x{math.exp(f['difference']):.3f} ({math.exp(f['ci95'][0]):.3f} to {math.exp(f['ci95'][1]):.3f})",
+             verdict(*f["ci95"], better_low=True)],
+            ["relevance: nats/token the prompt adds to the completion's likelihood (higher = more on topic)",
+             _fmt(r["base"]), _fmt(r["tuned"]), f"{r['difference']:+.3f} ({r['ci95'][0]:+.3f} to {r['ci95'][1]:+.3f})",
+             verdict(*r["ci95"], better_low=False)]]
+    return [f"## {title}", "", f"Judge `{judge_name}`, {p['prompts']} prompts completed by both models; paired 95% "
+            f"intervals from {p['bootstrap']['resamples']} bootstrap resamples of the prompts. Fluency rewards safe, "
+            "repetitive text too; relevance does not say a completion is right.", ""] + md_table(
+        ["score", "base", "tuned", "tuned vs base (95% CI)", "verdict"], rows)
+
+
 STAT_KEYS = ["distinct_1", "distinct_2", "distinct_3", "repetition_4gram", "mean_words"]
 
 
@@ -369,8 +402,11 @@ def _write_report(cfg: Config, out: Path) -> None:
     if prep:
         lines += _section_data(prep)
     if gens:
-        base = {_gkey(g): g["completion"] for g in read_jsonl(layout.base_generations_file)}
+        base_recs = read_jsonl(layout.base_generations_file)
+        base = {_gkey(g): g["completion"] for g in base_recs}
         lines += _section_generations(gens, base, _held_out_texts(ran))
+        lines += section_judge(judge.paired(base_recs, gens, ran.eval.bootstrap, ran.eval.seed),
+                               next((g.get("judge") for g in gens if g.get("judge")), ""))
     lines += _section_provenance(metrics, prep)
     md = "\n".join(lines)
     (out / layout.report_file.name).write_text(md, encoding="utf-8")

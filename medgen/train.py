@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import signal
 import time
@@ -23,7 +24,7 @@ import torch
 from transformers import TrainerCallback
 from trl import SFTTrainer
 
-from medgen import atomic, dist, models, provenance, throughput, train_args
+from medgen import atomic, dist, models, provenance, throughput, train_args, validate
 from medgen.checkpoint import Checkpoints
 from medgen.config import Config
 from medgen.data import shards, storage
@@ -158,16 +159,17 @@ class StopOnSignal(TrainerCallback):
 
 class CommitCheckpoint(TrainerCallback):
     """After the Trainer saved checkpoint-N: every rank adds its data streams' positions, then rank 0 commits it
-    as step-N once all have (medgen/checkpoint.py)."""
+    as step-N once all have (medgen/checkpoint.py), with the validation state (medgen/validate.py)."""
 
-    def __init__(self, checkpoints: Checkpoints, stream: PackedStream):
-        self.checkpoints, self.stream = checkpoints, stream
+    def __init__(self, checkpoints: Checkpoints, stream: PackedStream, validation: validate.State | None):
+        self.checkpoints, self.stream, self.validation = checkpoints, stream, validation
 
     def on_save(self, args, state, control, **kw):
         self.checkpoints.add_stream_state(state.global_step, args.process_index, self.stream.state_dict())
         dist.barrier()
         if state.is_world_process_zero:
-            log.info("checkpoint %s saved", self.checkpoints.commit(state.global_step, args.world_size))
+            vstate = self.validation.as_dict() if self.validation else None
+            log.info("checkpoint %s saved", self.checkpoints.commit(state.global_step, args.world_size, vstate))
         dist.barrier()
 
 
@@ -270,6 +272,7 @@ class TrainSetup:
     precision: str  # resolved: bf16 | fp16 | fp32
     targets: list[str] | str  # the LoRA target modules
     streams: int  # data streams (train.data_streams, or the number of processes)
+    validator: validate.Validator | None  # None: no validation during training
 
 
 def build_trainer(cfg: Config) -> TrainSetup:
@@ -309,7 +312,10 @@ def build_trainer(cfg: Config) -> TrainSetup:
                                loraplus_ratio=t.loraplus_lr_ratio)
     if dist.deepspeed_requested(t.deepspeed) and not trainer.is_deepspeed_enabled:  # never plain DDP in its place
         raise UserError("train: DeepSpeed was asked for, but accelerate set up training without it")
-    return TrainSetup(trainer, dataset, collator, tok, precision, targets, streams)
+    checker = validate.validator(cfg, manifest, tok.eos_token_id, rank, world, args.device)
+    if checker:
+        checker.window(model)
+    return TrainSetup(trainer, dataset, collator, tok, precision, targets, streams, checker)
 
 
 def _tensorboard(cfg: Config, args) -> list:
@@ -347,9 +353,12 @@ def run(cfg: Config) -> dict[str, Any]:
     setup = build_trainer(cfg)
     trainer, args = setup.trainer, setup.trainer.args
     checkpoints = Checkpoints(Path(args.output_dir), t.keep_checkpoints)
+    resume = checkpoints.newest()
+    vstate = validate.State.from_dict(Checkpoints.info(resume).get("validation") if resume else None) \
+        if setup.validator else None
     signals = Signals()
-    stop = _add_callbacks(cfg, setup, checkpoints, signals)
-    resume = _resume(cfg, setup, checkpoints)
+    stop = _add_callbacks(cfg, setup, checkpoints, signals, vstate)
+    _resume(cfg, setup, checkpoints, resume, stopped=bool(vstate and vstate.stopped))
     signals.install()
     try:
         result = _train(trainer, resume, Path(cfg.run.dir), checkpoints)
@@ -359,17 +368,50 @@ def run(cfg: Config) -> dict[str, Any]:
         raise Preempted(f"train: stopped by a signal ({signals.received or 'sent to another rank'}) at step "
                         f"{trainer.state.global_step}; "
                         f"checkpoint saved in {checkpoints.directory}; rerun the same command to resume")
+    step, why = _final_adapter(cfg, trainer, checkpoints, vstate)
     adapter_dir = cfg.layout.adapter
     _save_atomic(trainer, adapter_dir, lambda tmp: provenance.write(
         cfg, "train", tmp, precision=setup.precision, world_size=args.world_size, data_streams=setup.streams,
         lora_targets=setup.targets, tokens_per_step=_tokens_per_step(cfg, args.world_size),
         tokenizer_fingerprint=models.tokenizer_fingerprint(setup.tokenizer),
-        adapter_fingerprint=models.adapter_fingerprint(tmp), steps=result.global_step))
+        adapter_fingerprint=models.adapter_fingerprint(tmp), steps=trainer.state.global_step, adapter_step=step,
+        adapter_choice=why, stopped=(vstate.stopped if vstate else "") or "train.max_steps reached",
+        validation=_validation_record(setup.validator, vstate, step)))
     if t.merge and trainer.is_world_process_zero():
         _save_merged(cfg, adapter_dir, setup.tokenizer, cfg.layout.merged)
     trainer.accelerator.wait_for_everyone()
     return {"train_loss": result.training_loss, "steps": result.global_step, "precision": setup.precision,
-            "adapter": str(adapter_dir)}
+            "adapter": str(adapter_dir), "adapter_step": step}
+
+
+def _final_adapter(cfg: Config, trainer, checkpoints: Checkpoints, vstate: validate.State | None) -> tuple[int, str]:
+    """(step, why) of the adapter to save: the best validation step's weights loaded back from its checkpoint
+    (train.final_adapter=best), else the last step's, which the model holds."""
+    last = trainer.state.global_step
+    if not vstate or cfg.train.final_adapter == "last" or not vstate.best_step:
+        return last, "last step" + ("" if vstate else " (no validation)")
+    if vstate.best_step == last:
+        return last, "best validation loss (the last step)"
+    best = checkpoints.at(vstate.best_step)
+    if best is None:
+        raise UserError(f"train.final_adapter=best: the checkpoint of the best step {vstate.best_step} is missing "
+                        f"from {checkpoints.directory}; rerun with train.final_adapter=last, or start over")
+    trainer.state.best_model_checkpoint = str(best)
+    trainer._load_best_model()  # the Trainer's own loader: PEFT adapters, DeepSpeed checkpoints
+    if trainer.is_world_process_zero():
+        log.info("train: the adapter is step %d's, the best validation loss (%.4f), not the last step %d's",
+                 vstate.best_step, vstate.best_loss, last)
+    return vstate.best_step, "best validation loss"
+
+
+def _validation_record(checker: validate.Validator | None, vstate: validate.State | None, step: int) -> dict:
+    """The validation score of the saved adapter, and what was scored."""
+    if not checker or not vstate or not vstate.last:
+        return {}
+    loss = vstate.best_loss if step == vstate.best_step else vstate.last["eval_loss"]
+    return {"step": step, "loss": loss, "perplexity": math.exp(loss), "articles": len(checker.articles),
+            "tokens": vstate.last["eval_tokens"], "best_step": vstate.best_step, "context": checker.context,
+            "stride": checker.stride, "every": checker.plan.every, "chosen": checker.plan.why}
 
 
 def _tokens_per_step(cfg: Config, world_size: int) -> int:
@@ -377,30 +419,32 @@ def _tokens_per_step(cfg: Config, world_size: int) -> int:
     return t.batch_size * t.grad_accum * t.max_length * world_size
 
 
-def _add_callbacks(cfg: Config, setup: TrainSetup, checkpoints: Checkpoints, signals: Signals) -> StopOnSignal:
+def _add_callbacks(cfg: Config, setup: TrainSetup, checkpoints: Checkpoints, signals: Signals,
+                   vstate: validate.State | None) -> StopOnSignal:
     """medgen's callbacks, one job each, in the order they must run; returns the one that knows of a stop."""
     trainer, args = setup.trainer, setup.trainer.args
     stop = StopOnSignal(signals)
+    checking = [validate.Validate(cfg, setup.validator, vstate, trainer)] if setup.validator else []
     rate = Throughput(_tokens_per_step(cfg, args.world_size), throughput.flops_per_token(trainer.model, cfg.train.max_length),
                       throughput.device_peak(args.device, setup.precision))
     # the train log and TensorBoard after Throughput: they see what it adds to the logs
-    for cb in (SampleLog(cfg.layout, setup.collator), stop, CommitCheckpoint(checkpoints, setup.stream), rate,
-               TrainLog(cfg.layout, rate), *_tensorboard(cfg, args)):
+    for cb in (SampleLog(cfg.layout, setup.collator), *checking, stop, CommitCheckpoint(checkpoints, setup.stream, vstate),
+               rate, TrainLog(cfg.layout, rate), *_tensorboard(cfg, args)):
         trainer.add_callback(cb)
     return stop
 
 
-def _resume(cfg: Config, setup: TrainSetup, checkpoints: Checkpoints) -> Path | None:
-    """The newest complete checkpoint (None: a fresh start): the streams' positions restored from it, the logs
-    cut back to its step, a partial checkpoint of a killed run removed."""
+def _resume(cfg: Config, setup: TrainSetup, checkpoints: Checkpoints, resume: Path | None, stopped: bool) -> None:
+    """From the newest complete checkpoint (None: a fresh start): the streams' positions restored, the logs cut
+    back to its step, a partial checkpoint of a killed run removed; nothing left to train once max_steps or an
+    early stop was reached."""
     t, trainer, stream = cfg.train, setup.trainer, setup.stream
     args = trainer.args
-    resume = checkpoints.newest()
     if resume:
         stream.load_state_dict(checkpoints.stream_state(resume, stream.num_streams, stream.stream_ids,
                                                         args.world_size))
     resumed_step = checkpoints.step(resume) if resume else 0
-    trainer.finished = resumed_step >= t.max_steps
+    trainer.finished = resumed_step >= t.max_steps or stopped
     _truncate_log(cfg.layout.samples_of(args.process_index), resumed_step)
     if trainer.is_world_process_zero():
         _truncate_log(cfg.layout.train_log, resumed_step)
@@ -411,7 +455,11 @@ def _resume(cfg: Config, setup: TrainSetup, checkpoints: Checkpoints) -> Path | 
                  t.max_steps, _tokens_per_step(cfg, args.world_size), args.world_size, setup.streams,
                  throughput.flops_per_token(trainer.model, t.max_length) / 1e6,
                  f", resuming from {resume}" if resume else "")
-    return resume
+        if setup.validator:
+            v = setup.validator
+            log.info("train: validating every %d steps on %d validation articles (%d tokens), context %d, stride %d: %s",
+                     v.plan.every, len(v.articles), sum(len(a["input_ids"]) for a in v.articles), v.context,
+                     v.stride, v.plan.why)
 
 
 def _train(trainer, resume: Path | None, run_dir: Path, checkpoints: Checkpoints):

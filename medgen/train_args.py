@@ -60,6 +60,11 @@ ARGS: tuple[Arg, ...] = (
     Arg("dataset_kwargs", "", lambda cfg, r: {"skip_prepare_dataset": True}),
     Arg("dataloader_num_workers", "", lambda cfg, r: 0),
     Arg("resume_from_checkpoint", "", None),  # train resumes from the newest complete checkpoint itself
+    # validation is medgen's own (medgen/validate.py): exact perplexity, the best step kept, early stopping
+    Arg("eval_strategy", "train.eval_steps", None),
+    Arg("eval_steps", "train.eval_steps", None),
+    Arg("load_best_model_at_end", "train.final_adapter", None),
+    Arg("metric_for_best_model", "train.final_adapter", None),
 )
 OWNERS = {a.key: a.owner for a in ARGS}
 

@@ -57,3 +57,9 @@ def test_the_report_runs_no_model_and_compares_base_and_tuned_on_the_same_prompt
     assert "| base | tuned |" in first and f"| {shown} |" in first
     n = len(base)
     assert f"| base model ({n} prompts) |" in md and f"| tuned, same prompts ({n}) |" in md
+    # the judge's scores, written by generate on the first generate.judge_prompts prompts, base vs tuned paired
+    assert all(isinstance(r["relevance"], float) and r["fluency_perplexity"] > 0 for r in base + tuned[:n])
+    judged = md.split("## Fluency and relevance (judge model)", 1)[1].split("##", 1)[0]
+    assert f"Judge `tiny-gpt2`, {n} prompts completed by both models" in judged
+    rows = [ln for ln in judged.splitlines() if ln.startswith("| fluency") or ln.startswith("| relevance")]
+    assert len(rows) == 2 and all(" to " in ln for ln in rows), judged

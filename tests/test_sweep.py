@@ -172,8 +172,11 @@ def test_paired_intervals_match_a_plain_computation_from_articles_jsonl(local_sw
     reps = {i: [ppl(v, "tuned", c) for c in draws] for i, v in rows.items()}
     reps["base"] = [ppl(rows[0], "base", c) for c in draws]
     whole = {i: ppl(v, "tuned", [1] * n) for i, v in rows.items()}
-    best = min(whole, key=whole.get)
-    assert res["best"] == _name(best)
+    # the best point is chosen on validation (each point's record of its adapter's validation score), not on test
+    val = {i: json.loads((run / _name(i) / "adapter" / "medgen_config.json").read_text())["resolved"]["validation"]
+           ["perplexity"] for i in rows}
+    best = min(val, key=val.get)
+    assert res["best"] == _name(best) and res["chosen_on"] == "validation"
     for i, v in rows.items():
         row = next(r for r in res["points"] if r["name"] == _name(i))
         assert row["perplexity"] == pytest.approx(whole[i], rel=1e-12)
@@ -183,6 +186,25 @@ def test_paired_intervals_match_a_plain_computation_from_articles_jsonl(local_sw
             assert row[key]["ci95"] == pytest.approx([_percentile(diff, 2.5), _percentile(diff, 97.5)],
                                                      rel=1e-9, abs=1e-9), (i, key)
         assert row["vs_base"]["difference"] == pytest.approx(whole[i] - ppl(v, "base", [1] * n), rel=1e-9)
+
+
+@pytest.mark.slow
+def test_the_best_point_is_chosen_on_validation_and_reported_on_test(tmp_path):
+    """A grid of seeds whose validation-best and test-best points differ (checked here from the points' own files):
+    the comparison names the validation-best, says so, and still reports every point's test perplexity."""
+    run = tmp_path / "seeds"
+    medgen("sweep", *BASE, f"run.dir={run}", "--grid", "train.seed=1,2,3,4")
+    res = json.loads((run / "report" / "compare.json").read_text())
+    names = [f"train.seed={i}" for i in (1, 2, 3, 4)]
+    val = {n: json.loads((run / n / "adapter" / "medgen_config.json").read_text())["resolved"]["validation"]
+           ["perplexity"] for n in names}
+    test = {n: json.loads((run / n / "eval" / "metrics.json").read_text())["tuned"]["perplexity"] for n in names}
+    assert min(val, key=val.get) != min(test, key=test.get), (val, test)  # the construction holds
+    assert res["best"] == min(val, key=val.get) and res["chosen_on"] == "validation"
+    assert {r["name"]: r["perplexity"] for r in res["points"]} == pytest.approx(test, rel=1e-12)
+    md = (run / "report" / "compare.md").read_text()
+    assert f"**Best: `{res['best']}`**, chosen by the lowest validation perplexity" in md
+    assert "The test articles played no part in the choice." in md
 
 
 # --------------------------------------------------------------------------- SLURM

@@ -63,8 +63,8 @@ def reference(tmp_path_factory, shards, reference_run):
 
 
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path, shards):
-    one = _run(1, tmp_path / "one", shards, "train.batch_size=4", "lora.dropout=0")
-    two = _run(2, tmp_path / "two", shards, "train.batch_size=2", "lora.dropout=0")
+    one = _run(1, tmp_path / "one", shards, "train.batch_size=4", "lora.dropout=0", "train.eval_steps=2")
+    two = _run(2, tmp_path / "two", shards, "train.batch_size=2", "lora.dropout=0", "train.eval_steps=2")
     assert max_diff(adapter(one), adapter(two)) < 1e-5
     s1, s2 = _samples(one)["rank-00000.jsonl"], _samples(two)
     r0, r1 = s2["rank-00000.jsonl"], s2["rank-00001.jsonl"]
@@ -76,6 +76,14 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, shards):
     assert steps and all(len(r["peak_memory_gb_per_rank"]) == 2 and min(r["peak_memory_gb_per_rank"]) > 0.1
                          and r["peak_memory_gb"] == max(r["peak_memory_gb_per_rank"]) for r in steps)
     assert all(r["tokens_per_s"] > 0 for r in steps[1:]) and "mfu" not in steps[-1]  # no known peak for a CPU
+    # validation during training: the same numbers on 1 and 2 processes (the articles are split between ranks,
+    # the float64 sums all-reduced)
+    val = [{r["step"]: r for r in (json.loads(x) for x in (d / "train_log.jsonl").read_text().splitlines())
+            if "eval_loss" in r} for d in (one, two)]
+    assert sorted(val[0]) == sorted(val[1]) == [2, 4, 6, 8]
+    for step, r in val[0].items():
+        assert r["eval_tokens"] == val[1][step]["eval_tokens"]
+        assert r["eval_loss"] == pytest.approx(val[1][step]["eval_loss"], rel=1e-6)
 
 
 def _kill9_tree(pid: int) -> None:

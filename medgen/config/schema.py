@@ -194,6 +194,20 @@ class TrainConfig:
         "lora.dropout regularises the adapter where wanted.", ge=0, lt=1,
     )
     logging_steps: int = opt(1, "Log loss, lr and tokens/s every N steps.", gt=0)
+    validate: bool = opt(True, "Score the validation split during training (evaluate's exact method, eval.context/"
+                         "stride/batch_size): validation loss and perplexity in the train log, TensorBoard and report.")
+    eval_steps: int = opt(0, "Validate every N optimizer steps and at the last one; 0 = 5 times per run, fewer where "
+                          "one validation article costs more than the budget of eval_tokens=0 allows.", ge=0)
+    eval_tokens: int = opt(0, "Validation articles scored each time: the first ones (manifest order) with this many "
+                           "tokens in all (at least one); 0 = as many as keep the run's validation within 4% of "
+                           "its training cost (medgen/validate.py).", ge=0)
+    early_stopping_patience: int = opt(0, "Stop after this many evaluations in a row without a validation loss "
+                                       "lower than the best by more than early_stopping_min_delta (0 = never).", ge=0)
+    early_stopping_min_delta: float = opt(0.0, "The improvement in validation loss (nats per token) that counts.", ge=0)
+    final_adapter: Literal["best", "last"] = opt(
+        "best", "The adapter training leaves in <run.dir>/adapter: the step with the best validation loss (its "
+        "checkpoint is never rotated away), or the last step. best: with early stopping the last step is by "
+        "construction past the best; without validation the two are the same.")
     merge: bool = opt(False, "Also save the merged model (base + adapter) as safetensors in <run.dir>/merged.")
     sft_args: dict[str, Any] = opt({}, "Pass-through for any other trl.SFTConfig field (not those medgen sets itself: "
                                    "validate names them).")
@@ -241,6 +255,10 @@ class GenerateConfig:
                           "memory holds as KV cache (at most 256). Does not change the output in float32.", ge=0, auto=0)
     seed: int = opt(0, "Sampling seed; each (id, sample) has its own random stream, so batching does not matter.")
     dtype: Literal["float32", "bfloat16"] = opt("float32", "Compute dtype; float32 keeps greedy output identical across batch sizes and ranks.")
+    judge: str = opt("", "Model that scores completions for fluency and relevance (medgen/judge.py): '' = the base "
+                     "model; or a hub id, local directory or built-in.")
+    judge_prompts: int = opt(16, "Score the completions of the first N prompts with the judge (0 = none); the report "
+                             "compares base and tuned on them.", ge=0)
     base_prompts: int = opt(16, "Also complete the first N prompts with the base model (adapter off) into "
                             "generations/base.jsonl: the report compares the two on the same prompts (0 = none).", ge=0)
     merge_tolerance: float = opt(1e-4, "Merge the adapter into the weights if merged logits match unmerged within this (relative); 0 = never.",
