@@ -204,6 +204,7 @@ def _markdown(cfg: Config, res: dict, pts: list[dict], out: Path) -> list[str]:
                       f"{res['base']['perplexity']:.3f}) on {res['articles']} `{res['split']}` articles; "
                       f"{len(res['points'])} points. Chosen on the `{res['split']}` split itself (not every point "
                       "validated during training: train.validate): its perplexity is biased low as an estimate.", ""]
+    lines += _indistinguishable(res)
     lines += _points_table(res)
     lines += [f"Perplexity = exp(sum of token NLL / tokens) over the articles. Intervals: {b['resamples']} bootstrap "
               f"resamples of the articles (seed {b['seed']}), the same resamples for every point and the base model, "
@@ -223,11 +224,22 @@ def _markdown(cfg: Config, res: dict, pts: list[dict], out: Path) -> list[str]:
     return lines + _completions(pts)
 
 
+def _indistinguishable(res: dict) -> list[str]:
+    """The points the best one cannot be told apart from on the test articles (paired interval includes 0)."""
+    close = [r["name"] for r in res["points"] if r["name"] != res["best"] and r.get("vs_best")
+             and r["vs_best"]["ci95"][0] <= 0 <= r["vs_best"]["ci95"][1]]
+    if not close:
+        return []
+    return [f"**Not distinguishable** on the test articles: `{res['best']}` and {', '.join(f'`{n}`' for n in close)} "
+            "(the paired 95% interval of each difference includes 0); more test articles, or another criterion, "
+            "would have to decide between them.", ""]
+
+
 def _points_table(res: dict) -> list[str]:
     keys = list(res["grid"])
     rows = []
     for r in res["points"]:
-        settings = [f"`{report.cell(sweep.label(r['settings'][k]))}`" for k in keys]
+        settings = [f"`{sweep.label(r['settings'][k]).replace('|', '¦')}`" for k in keys]  # a code span: no escapes
         if "perplexity" not in r:
             rows.append([*settings, r["status"] + (f" ({r['failed_stage']})" if "failed_stage" in r else ""),
                          *["n/a"] * 8])

@@ -30,6 +30,7 @@ from medgen.data import shards, stream
 from medgen.data.storage import disk_errors
 from medgen.dist import init_distributed
 from medgen.errors import UserError
+from medgen.logs import Progress
 
 log = logging.getLogger(__name__)
 LN2 = math.log(2.0)
@@ -113,20 +114,24 @@ def target_logits(model, ids: torch.Tensor, keep: torch.Tensor, use_mask: bool) 
 
 
 def score(model, articles: list[dict], sep: int, context: int, stride: int, batch_size: int,
-          device: torch.device, desc: str = "score", min_batches: int = 0) -> list[tuple[float, int]]:
+          device: torch.device, desc: str = "score", min_batches: int = 0,
+          log_progress: bool = True) -> list[tuple[float, int]]:
     """Per-article (NLL sum in float64, predicted tokens). ``min_batches``: run at least this many forward
     passes (the extra ones on a one-token window, results dropped), for a sharded model whose every rank must
     take part in every forward pass (ZeRO-3)."""
     work = plan(articles, sep, context, stride)
-    return _per_article(work, window_nll(model, work, batch_size, device, desc, min_batches), len(articles))
+    return _per_article(work, window_nll(model, work, batch_size, device, desc, min_batches, log_progress),
+                        len(articles))
 
 
 def window_nll(model, work: list[Window], batch_size: int, device: torch.device, desc: str = "score",
-               min_batches: int = 0) -> list[float]:
-    """The NLL sum (float64) of each window's targets, in ``work``'s order, ``batch_size`` windows a pass."""
+               min_batches: int = 0, log_progress: bool = True) -> list[float]:
+    """The NLL sum (float64) of each window's targets, in ``work``'s order, ``batch_size`` windows a pass;
+    progress lines in the log (logs.Progress) unless a caller that reports itself says not to."""
     out = [0.0] * len(work)
     use_mask = accepts_logits_mask(model)
     steps = range(0, len(work), batch_size)
+    progress = Progress(desc, len(work), "windows", every=30.0 if log_progress else float("inf"), quiet=not log_progress)
     with torch.inference_mode():
         for _ in range(len(steps), min_batches):
             ids, keep, _t = collate([Window(0, [0, 0], 1)], device)
@@ -139,6 +144,7 @@ def window_nll(model, work: list[Window], batch_size: int, device: torch.device,
             rows = keep.nonzero()[:, 0]  # row of every kept position, in the same row-major order
             per_row = torch.zeros(len(batch), dtype=torch.float64, device=device).index_add_(0, rows, token_nll)
             out[s:s + len(batch)] = per_row.tolist()  # one host sync per batch
+            progress.update(len(batch), sum(len(w.ids) for w in batch))
     return out
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 import warnings
 from typing import Iterator
 
@@ -78,3 +79,39 @@ def logging_for(quiet: bool, debug: bool) -> Iterator[None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+class Progress:
+    """A long loop's progress as log lines, for job logs (tqdm turns itself off where stderr is not a terminal):
+    a line at the start, at most one every ``every`` seconds, and one at the end, each with what is done of the
+    total, tokens per second and the time left."""
+
+    def __init__(self, what: str, total: int, unit: str, every: float = 30.0, logger: str = "medgen",
+                 quiet: bool = False):
+        self.what, self.total, self.unit, self.every, self.quiet = what, total, unit, every, quiet
+        self.log = logging.getLogger(logger)
+        self.done = self.tokens = 0
+        self.t0 = self.last = time.monotonic()
+        if not quiet:
+            self.log.info("%s: 0/%d %s", what, total, unit)
+
+    def update(self, n: int, tokens: int = 0) -> None:
+        self.done += n
+        self.tokens += tokens
+        now = time.monotonic()
+        if self.quiet:
+            return
+        if self.done >= self.total:
+            self.log.info("%s: %d/%d %s, %d tokens, %.0f tokens/s, done in %.1f s", self.what, self.done, self.total,
+                          self.unit, self.tokens, self.tokens / max(now - self.t0, 1e-9), now - self.t0)
+        elif now - self.last >= self.every:
+            self.last = now
+            left = (now - self.t0) * (self.total - self.done) / self.done
+            self.log.info("%s: %d/%d %s, %d tokens, %.0f tokens/s, about %s left", self.what, self.done, self.total,
+                          self.unit, self.tokens, self.tokens / (now - self.t0), _duration(left))
+
+
+def _duration(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"

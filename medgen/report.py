@@ -154,7 +154,7 @@ def plot_per_tag(metrics: dict, out: Path) -> str | None:
     ax.set_xticks(list(x))
     ax.set_xticklabels([f"{t}\n({base[t]['articles']})" for t in tags], rotation=30, ha="right", fontsize=8)
     ax.set(title="perplexity by tag (articles per tag)", ylabel="perplexity")
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)  # outside the axes: never over a bar
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)
@@ -284,7 +284,7 @@ def _section_generations(gens: list[dict], base: dict[tuple, str], held_out: lis
     completions' length."""
     out = ["## Generations", ""]
     for g in gens[:shown]:
-        out += [f"**{g['id']}** — _{g['prompt'].strip()}_", ""]
+        out += [f"**{cell(g['id'])}** — _{cell(g['prompt'])}_", ""]
         if _gkey(g) in base:
             out += md_table(["base", "tuned"], [[cell(base[_gkey(g)]), cell(g["completion"])]])
         else:
@@ -342,8 +342,12 @@ def section_judge(p: dict, judge_name: str, title: str = "Fluency and relevance 
 STAT_KEYS = ["distinct_1", "distinct_2", "distinct_3", "repetition_4gram", "mean_words"]
 
 
+
+
 def cell(text: str) -> str:
-    return " ".join(text.split()).replace("|", "\\|")
+    """Generated or user text as one line of literal Markdown text: every markup character backslash-escaped (a
+    completion's code fence or asterisks render as the characters they are, in the .md and the HTML)."""
+    return re.sub(r"([\\`*_|\[\]<>#])", r"\\\1", " ".join(text.split()))
 
 
 def _section_provenance(metrics: dict | None, prep: dict | None) -> list[str]:
@@ -419,10 +423,13 @@ def to_html(md: str, img_dir: Path) -> str:
     body, table = [], []
 
     def inline(s: str) -> str:
+        # a backslash-escaped character (cell) is text: set aside before any markup is read, put back as itself
+        s = re.sub(r"\\([\\`*_|\[\]<>#])", lambda m: f"\x00{ord(m.group(1))}\x00", s)
         s = html.escape(s)
         s = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", s)
         s = re.sub(r"(?<!\w)_(.+?)_(?!\w)", r"<i>\1</i>", s)
-        return re.sub(r"`(.+?)`", r"<code>\1</code>", s)
+        s = re.sub(r"`(.+?)`", r"<code>\1</code>", s)
+        return re.sub("\x00(\\d+)\x00", lambda m: html.escape(chr(int(m.group(1)))), s)
 
     def flush() -> None:
         if table:

@@ -75,6 +75,34 @@ def managed(cfg, resolved: Resolved) -> dict[str, Any]:
     return {k: v for k, v in values.items() if v is not None}
 
 
+def schedulers() -> list[str]:
+    """The learning-rate schedules the installed transformers knows (its SchedulerType), read from its source:
+    importing transformers.trainer_utils would import torch, seconds that validating a config must not cost."""
+    import ast
+    import importlib.util
+
+    spec = importlib.util.find_spec("transformers.trainer_utils")
+    if spec is None or not spec.origin:
+        return []
+    tree = ast.parse(open(spec.origin, encoding="utf-8").read())
+    cls = next((n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "SchedulerType"), None)
+    if cls is None:
+        return []
+    return [node.value.value for node in cls.body if isinstance(node, ast.Assign)
+            and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)]
+
+
+def check_scheduler(name: str) -> list[str]:
+    known = schedulers()
+    if known and name not in known:
+        import difflib
+
+        close = difflib.get_close_matches(name, known, n=1)
+        return [f"train.lr_scheduler: unknown schedule {name!r}" + (f"; did you mean {close[0]}?" if close else "")
+                + f" (known: {', '.join(known)})"]
+    return []
+
+
 def check(sft_args: dict[str, Any]) -> list[str]:
     """train.sft_args may not hold a key medgen sets itself: one problem per key, naming the field to use."""
     p = []

@@ -135,7 +135,7 @@ class Validator:
             batches = len(evaluate.plan(self.mine, self.sep, self.context, self.stride))
             most = int(_all_reduce([math.ceil(batches / self.batch_size)], self.device, torch.distributed.ReduceOp.MAX)[0])
             rows = evaluate.score(model, self.mine, self.sep, self.context, self.stride, self.batch_size,
-                                  self.device, "validate", min_batches=most)
+                                  self.device, "validate", min_batches=most, log_progress=False)
         finally:
             model.train(was_training)
         nll, tokens = _all_reduce([math.fsum(r[0] for r in rows), float(sum(r[1] for r in rows))], self.device)

@@ -100,3 +100,13 @@ def test_credentials_in_storage_options_are_refused_without_echoing_them():
                            ["data.storage_options={client_kwargs: {aws_secret_access_key: s3cr3t}, anon: false}"])
     assert [p.split(":")[0] for p in e.value.problems] == ["data.storage_options.client_kwargs.aws_secret_access_key"]
     assert "s3cr3t" not in str(e.value) and "set them in the environment" in str(e.value)
+
+
+def test_transformers_names_are_checked_by_validate():
+    with pytest.raises(ConfigError) as e:
+        config.load_config(str(ROOT / "configs/tiny.yaml"), ["train.lr_scheduler=cosin"])
+    assert e.value.problems[0].startswith("train.lr_scheduler: unknown schedule 'cosin'; did you mean cosine? (known: ")
+    assert config.load_config(None, ["train.lr_scheduler=constant_with_warmup"]).train.lr_scheduler == "constant_with_warmup"
+    with pytest.raises(ConfigError) as e:
+        config.load_config(None, ["train.max_step=5"])
+    assert e.value.problems[0].startswith("train.max_step: unknown key (did you mean train.max_steps? known: ")

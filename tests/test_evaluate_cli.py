@@ -149,3 +149,16 @@ def test_metrics_schema(evals):
     assert d["ci95"][0] <= d["perplexity"] <= d["ci95"][1]
     assert d["ratio"] == pytest.approx(m["tuned"]["perplexity"] / m["base"]["perplexity"])
 
+
+
+def test_progress_shows_in_a_log_that_is_not_a_terminal(tmp_path, tiny_run):
+    """A job log is not a terminal (tqdm stays silent there): evaluate logs its progress as lines."""
+    import re
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run / "adapter", run / "adapter")
+    err = medgen("evaluate", "--config", "configs/tiny.yaml", f"run.dir={run}", f"data.shards={tiny_run / 'data'}").stderr
+    for model in ("base", "tuned"):
+        n = re.search(rf"eval {model}: 0/(\d+) windows", err)
+        assert n, err[-3000:]
+        assert re.search(rf"eval {model}: {n.group(1)}/{n.group(1)} windows, \d+ tokens, \d+ tokens/s, done in", err)

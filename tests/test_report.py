@@ -3,6 +3,7 @@ command that renders it; it runs no model (the base model's completions come fro
 import json
 import shutil
 
+from medgen import report
 from tests.helpers import TINY, medgen
 
 
@@ -53,7 +54,7 @@ def test_the_report_runs_no_model_and_compares_base_and_tuned_on_the_same_prompt
     medgen("report", *TINY, f"run.dir={run}", "model.name_or_path=/nonexistent/model", f"data.shards={tiny_run}/data")
     md = (run / "report" / "report.md").read_text()
     first = md.split("## Generations", 1)[1]
-    shown = " ".join(base[0]["completion"].split()).replace("|", "\\|")
+    shown = report.cell(base[0]["completion"])
     assert "| base | tuned |" in first and f"| {shown} |" in first
     n = len(base)
     assert f"| base model ({n} prompts) |" in md and f"| tuned, same prompts ({n}) |" in md
@@ -63,3 +64,11 @@ def test_the_report_runs_no_model_and_compares_base_and_tuned_on_the_same_prompt
     assert f"Judge `tiny-gpt2`, {n} prompts completed by both models" in judged
     rows = [ln for ln in judged.splitlines() if ln.startswith("| fluency") or ln.startswith("| relevance")]
     assert len(rows) == 2 and all(" to " in ln for ln in rows), judged
+
+
+def test_generated_text_renders_as_text_in_markdown_and_html():
+    text = "Use ```python\nx = a*b_c | d``` and **bold** <b> [link](x) # not a heading"
+    md = report.md_table(["completion"], [[report.cell(text)]])
+    page = report.to_html("\n".join(md), None)
+    assert "<code>" not in page and "<b>bold" not in page and "<b>" not in page.split("<body>")[1]
+    assert "Use ```python x = a*b_c | d``` and **bold** &lt;b&gt; [link](x) # not a heading" in page

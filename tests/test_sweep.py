@@ -301,3 +301,17 @@ def test_a_preempted_element_alone_is_requeued_and_resumes_exactly(slurm_cluster
     assert _samples(a, steps) == _samples(b, steps)  # no block trained twice or skipped
     res = json.loads((run / "report" / "compare.json").read_text())
     assert [r["status"] for r in res["points"]] == ["completed", "completed"]  # compare ran after the train array
+
+
+def test_the_headline_names_the_points_the_best_cannot_be_told_apart_from():
+    """A constructed comparison: b's paired interval against the best includes 0, c's does not."""
+    from medgen import compare
+
+    res = {"best": "a", "points": [{"name": "a", "vs_best": {"difference": 0.0, "ci95": [0.0, 0.0]}},
+                                   {"name": "b", "vs_best": {"difference": 1.0, "ci95": [-0.5, 2.0]}},
+                                   {"name": "c", "vs_best": {"difference": 3.0, "ci95": [1.0, 4.0]}},
+                                   {"name": "d", "status": "failed"}]}
+    lines = compare._indistinguishable(res)
+    assert lines[0].startswith("**Not distinguishable** on the test articles: `a` and `b` (the paired 95% interval")
+    res["points"][1]["vs_best"]["ci95"] = [0.1, 2.0]
+    assert compare._indistinguishable(res) == []

@@ -182,6 +182,7 @@ def stage_problems(cfg: Config) -> list[str]:
     p += clean.check_rules(cfg.data.clean_rules)
     p += filters.check_languages(cfg.data.languages)
     p += train_args.check(cfg.train.sft_args)
+    p += train_args.check_scheduler(cfg.train.lr_scheduler)
     p += models.check_top_layers(cfg.model.name_or_path, cfg.lora.top_layers)
     p += prompts.check_exists(cfg.generate.prompts)
     return p
