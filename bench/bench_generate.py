@@ -94,7 +94,7 @@ def run_medgen(model: str, prompts_file: Path, run_dir: Path, args) -> tuple[int
     """(new tokens, seconds, command) of one whole `medgen generate` process; sets args.batch_size to the
     batch size medgen used (its own default unless --batch-size was given)."""
     cmd = [sys.executable, "-m", "medgen", "generate", *(["--config", args.config] if args.config else []),
-           f"model.name_or_path={model}", f"run.dir={run_dir}",
+           f"model.name_or_path={model}", f"run.dir={run_dir}", "model.base_only=true",
            f"generate.prompts={prompts_file}", f"generate.max_new_tokens={args.new_tokens}",
            f"generate.min_new_tokens={args.new_tokens}", f"generate.dtype={args.dtype}",
            *([f"generate.batch_size={args.batch_size}"] if args.batch_size else [])]

@@ -145,6 +145,11 @@ def _generate_direct(cfg, prompt: str | None) -> int:
     """`--prompt TEXT` prints its completion(s); `--prompt -` or generate.prompts=- reads stdin."""
     from medgen import generate
 
+    from medgen import preflight
+
+    problems = preflight.adapter_problems(cfg, ["generate"])
+    if problems:
+        raise UserError(problems[0])
     if prompt is None or prompt == generate.STDIN:
         generate.from_stdin(cfg)
         return 0

@@ -284,7 +284,7 @@ def _load_model(cfg: Config, device: torch.device):
     dtype = torch.float32 if cfg.eval.dtype == "float32" else torch.bfloat16
     model = models.load_model(cfg.model.name_or_path, cfg.model.revision, dtype)
     adapter_dir = cfg.layout.adapter
-    has_adapter = cfg.layout.finished("train")
+    has_adapter = cfg.layout.finished("train") and not cfg.model.base_only
     if has_adapter:
         model = PeftModel.from_pretrained(model, str(adapter_dir))
     return model.to(device).eval(), has_adapter

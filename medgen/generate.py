@@ -126,7 +126,7 @@ def line_header(cfg: Config, adapter: bool = True) -> dict[str, Any]:
     """The fields every line shares; computable without loading the model (the rerun check needs it). ``judge``:
     the model that scored the first generate.judge_prompts prompts' completions ('' = none)."""
     adapter_dir = cfg.layout.adapter
-    has_adapter = adapter and cfg.layout.finished("train")
+    has_adapter = adapter and cfg.layout.finished("train") and not cfg.model.base_only
     return {
         "model": cfg.model.name_or_path,
         "model_fingerprint": models.model_fingerprint(cfg.model.name_or_path),
@@ -179,7 +179,7 @@ class Generator:
             log.info("adapter %s (merged: %s, relative logit difference %.1e)",
                      self.header["adapter_fingerprint"], self.adapter_merged, self.merge_diff)
         elif adapter:
-            log.warning("no adapter in %s/adapter: generating with the base model", cfg.run.dir)
+            log.info("generating with the base model alone (model.base_only=true)")
         self.model = model.to(device=device, dtype=DTYPES[g.dtype]).eval()
         self.max_positions = _max_positions(self.model.config)
         # A fresh config: the model's generation_config.json (sampling defaults etc.) must not leak in.

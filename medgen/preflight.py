@@ -32,8 +32,20 @@ def check(cfg: Config, stages: Iterable[str], stores: bool = True) -> None:
         problems += _dataset(cfg)
     if "generate" in stages:
         problems += _prompts(cfg)
+    problems += adapter_problems(cfg, stages)
     if problems:
         raise InputError(problems)
+
+
+def adapter_problems(cfg: Config, stages: Iterable[str]) -> list[str]:
+    """evaluate and generate run on the adapter training left in run.dir: none there (a mistyped run.dir, a
+    training that never finished) is an error unless the base model was asked for (model.base_only)."""
+    stages = list(stages)
+    needs = [s for s in ("evaluate", "generate") if s in stages]
+    if not needs or "train" in stages or cfg.model.base_only or cfg.layout.finished("train"):
+        return []
+    return [f"{needs[0]}: no adapter in run.dir={cfg.run.dir} ({cfg.layout.marker('train')} not found): train "
+            "first, fix run.dir, or set model.base_only=true to use the base model alone"]
 
 
 def _probe_options(url: str, storage_options: dict) -> dict:

@@ -205,6 +205,10 @@ def _section_speed(rows: list[dict]) -> list[str]:
     table = [["tokens/s (median over logged steps)", f"{statistics.median(tps):,.0f}" if tps else "n/a"],
              ["MFU (median)", f"{100 * statistics.median(mfu):.1f}%" if mfu else "n/a (device peak not known)"]]
     table += [[f"peak memory, rank {i}", f"{gb:.2f} GB"] for i, gb in enumerate(memory)]
+    seen = next((r for r in reversed(rows) if "tokens_seen" in r), None)
+    if seen:
+        table.append(["data seen", f"{seen['tokens_seen']:,} tokens = {seen['train_fraction']:.3f} of the training "
+                                   "split (1.0 = one pass)"])
     return md_table(["speed", "value"], table)
 
 

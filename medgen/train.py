@@ -174,12 +174,14 @@ class CommitCheckpoint(TrainerCallback):
 
 
 class Throughput(TrainerCallback):
-    """tokens/s, MFU where the device's peak is known, and the peak memory of every rank, added to the step's
-    logs (TensorBoard and the train log, added after this callback, see them). Every rank gets here: the peak
-    memory is gathered, a collective."""
+    """tokens/s, MFU where the device's peak is known, the peak memory of every rank, and the data seen: tokens
+    trained on and that as a share of the training split (1.0 = one pass; the Trainer's "epoch" means nothing
+    for a stream), added to the step's logs (TensorBoard and the train log, added after this callback, see
+    them). Every rank gets here: the peak memory is gathered, a collective."""
 
-    def __init__(self, tokens_per_step: int, flops_per_token: float, peak_flops: float | None):
+    def __init__(self, tokens_per_step: int, flops_per_token: float, peak_flops: float | None, split_tokens: int):
         self.tokens_per_step, self.flops_per_token, self.peak_flops = tokens_per_step, flops_per_token, peak_flops
+        self.split_tokens = split_tokens
         self.t_last, self.step_last = time.time(), None
         self.memory_per_rank: list[float] = []  # of the step just logged
 
@@ -190,6 +192,9 @@ class Throughput(TrainerCallback):
         self.memory_per_rank = throughput.per_rank(throughput.peak_memory_gb(args.device), args.device)
         now = time.time()
         logs["peak_memory_gb"] = round(max(self.memory_per_rank), 3)
+        logs["tokens_seen"] = state.global_step * self.tokens_per_step
+        logs["train_fraction"] = round(logs["tokens_seen"] / max(self.split_tokens, 1), 6)
+        logs.pop("epoch", None)  # the Trainer's, over a stream with no length: tokens_seen/train_fraction say it
         if self.step_last is not None and state.global_step > self.step_last:
             tps = (state.global_step - self.step_last) * self.tokens_per_step / (now - self.t_last)
             logs["tokens_per_s"] = round(tps, 1)
@@ -273,6 +278,7 @@ class TrainSetup:
     targets: list[str] | str  # the LoRA target modules
     streams: int  # data streams (train.data_streams, or the number of processes)
     validator: validate.Validator | None  # None: no validation during training
+    split_tokens: int  # the training split as the stream reads it: its tokens plus one separator per article
 
 
 def build_trainer(cfg: Config) -> TrainSetup:
@@ -315,7 +321,9 @@ def build_trainer(cfg: Config) -> TrainSetup:
     checker = validate.validator(cfg, manifest, tok.eos_token_id, rank, world, args.device)
     if checker:
         checker.window(model)
-    return TrainSetup(trainer, dataset, collator, tok, precision, targets, streams, checker)
+    split = manifest["splits"]["train"]
+    return TrainSetup(trainer, dataset, collator, tok, precision, targets, streams, checker,
+                      split["tokens"] + split["articles"])
 
 
 def _tensorboard(cfg: Config, args) -> list:
@@ -426,7 +434,7 @@ def _add_callbacks(cfg: Config, setup: TrainSetup, checkpoints: Checkpoints, sig
     stop = StopOnSignal(signals)
     checking = [validate.Validate(cfg, setup.validator, vstate, trainer)] if setup.validator else []
     rate = Throughput(_tokens_per_step(cfg, args.world_size), throughput.flops_per_token(trainer.model, cfg.train.max_length),
-                      throughput.device_peak(args.device, setup.precision))
+                      throughput.device_peak(args.device, setup.precision), setup.split_tokens)
     # the train log and TensorBoard after Throughput: they see what it adds to the logs
     for cb in (SampleLog(cfg.layout, setup.collator), *checking, stop, CommitCheckpoint(checkpoints, setup.stream, vstate),
                rate, TrainLog(cfg.layout, rate), *_tensorboard(cfg, args)):

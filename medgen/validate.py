@@ -182,5 +182,7 @@ class Validate(TrainerCallback):
             log.info("validation at step %d: loss %.4f, perplexity %.3f on %d articles (%d tokens); best step %d%s",
                      step, m["eval_loss"], m["eval_perplexity"], m["eval_articles"], m["eval_tokens"], s.best_step,
                      f"; {s.stopped}" if s.stopped else "")
+        should_log = control.should_log  # Trainer.log clears it: the step's own training log must still happen
         self.trainer.log({**m, "eval_best_step": s.best_step})
+        control.should_log = should_log
         return control

@@ -27,6 +27,7 @@ def test_missing_source_file(tmp_path):
 
 def test_missing_prompts_file(tmp_path):
     _one_line_error(medgen("generate", *TINY, f"run.dir={tmp_path}", f"generate.prompts={tmp_path}/p.jsonl",
+                           "model.base_only=true",
                            check=False), "generate.prompts", "p.jsonl")
 
 
@@ -113,3 +114,16 @@ def test_a_bug_inside_a_storage_block_is_not_blamed_on_the_url():
             raise ValueError("a bug")
     with pytest.raises(UserError, match=r"^data.source: cannot use nosuchproto://x/y\.csv: "):
         url_to_fs("data.source", "nosuchproto://x/y.csv", {})
+
+
+def test_a_mistyped_run_dir_is_an_error_not_a_base_model_run(tmp_path, tiny_run):
+    typo = tmp_path / "rnu"
+    for stage in ("evaluate", "generate"):
+        proc = medgen(stage, *TINY, f"run.dir={typo}", f"data.shards={tiny_run / 'data'}", check=False)
+        _one_line_error(proc, f"{stage}: no adapter in run.dir={typo}", "model.base_only=true")
+        assert not typo.exists()
+    proc = medgen("generate", *TINY, f"run.dir={typo}", "--prompt", "Hello", check=False)
+    _one_line_error(proc, f"generate: no adapter in run.dir={typo}")
+    # asked for explicitly, the base model runs
+    out = medgen("generate", *TINY, f"run.dir={typo}", "model.base_only=true", "--prompt", "Hello").stdout
+    assert out.strip() or out == "\n"

@@ -513,7 +513,8 @@ def _cli_yaml(tmp_path: Path, name: str, i: int) -> tuple[list[str], str]:
 def _cli_prompts(tmp_path: Path, data: bytes) -> tuple[list[str], str]:
     path = tmp_path / "p.jsonl"
     path.write_bytes(data)
-    return ["generate", "--config", "configs/tiny.yaml", f"run.dir={tmp_path}", f"generate.prompts={path}"], str(path)
+    return ["generate", "--config", "configs/tiny.yaml", f"run.dir={tmp_path}", f"generate.prompts={path}",
+            "model.base_only=true"], str(path)
 
 
 def _first_yaml_error(name: str) -> int:

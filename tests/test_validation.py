@@ -39,6 +39,16 @@ def test_validation_is_evaluates_number_and_changes_nothing_in_training(tmp_path
     assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
     assert (on / "samples" / "rank-00000.jsonl").read_text() == (off / "samples" / "rank-00000.jsonl").read_text()
     assert not any("eval_loss" in r for r in _log(off))
+    losses = [[(r["step"], r["loss"]) for r in _log(run) if "loss" in r] for run in (on, off)]
+    assert losses[0] == losses[1] and [s for s, _ in losses[1]] == list(range(1, 9))  # every step's loss logged
+    # data seen, not epochs: tokens trained on, and that as a share of the training split the stream reads
+    # (its tokens plus one separator per article), against the manifest
+    split = json.loads((shards / "manifest.json").read_text())["splits"]["train"]
+    steps = [r for r in _log(off) if "loss" in r]
+    assert steps and all("epoch" not in r for r in steps)
+    for r in steps:
+        assert r["tokens_seen"] == r["step"] * 4 * 64
+        assert r["train_fraction"] == pytest.approx(r["tokens_seen"] / (split["tokens"] + split["articles"]), abs=1e-6)
     val = [r for r in _log(on) if "eval_loss" in r]
     assert [r["step"] for r in val] == [2, 4, 6, 8]
     assert all(r["eval_perplexity"] == pytest.approx(math.exp(r["eval_loss"]), rel=1e-12) for r in val)

@@ -139,6 +139,8 @@ class ModelConfig:
         "Base model: hub id (gpt2), local directory, or a built-in: smollm2-135m, tiny-gpt2.",
     )
     revision: str = opt("", "Hub revision (branch, tag or commit); '' for the default.")
+    base_only: bool = opt(False, "evaluate and generate use the base model alone, whatever run.dir holds. Without it "
+                          "they refuse a run.dir with no adapter: a mistyped run.dir is an error, not a base-model run.")
 
 
 @dataclass
