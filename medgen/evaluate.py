@@ -162,9 +162,14 @@ def _per_article(work: list[Window], window_nll: list[float], n: int) -> list[tu
 
 
 def set_threads(state, configured: int) -> int:
-    """CPU threads for this rank: eval.threads, else the cores this process may use / ranks on this node."""
+    """CPU threads for this rank: eval.threads; else in a SLURM task the CPUs SLURM gave it (cpus_per_task: the
+    node may show more cores than the task may use); else the cores this process may use / ranks on this node."""
     if state.device.type != "cpu":
         return torch.get_num_threads()
+    if not configured and os.environ.get("SLURM_CPUS_PER_TASK", "").isdigit():
+        n = max(1, int(os.environ["SLURM_CPUS_PER_TASK"]))
+        torch.set_num_threads(n)
+        return n
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     local = int(os.environ.get("LOCAL_WORLD_SIZE", state.num_processes))
     n = configured or max(1, cores // max(1, local))

@@ -238,7 +238,9 @@ class Generator:
         order = sorted(range(len(items)), key=lambda i: (-len(ids[i]), i))
         size = self.g.batch_size or auto_batch_size(self.model, self.device, max(map(len, ids), default=0),
                                                     self.g.max_new_tokens)
-        log.info("generate: %d prompts per batch%s", size, "" if self.g.batch_size else " (generate.batch_size=0: auto)")
+        if size != getattr(self, "told_batch", None):  # once, not after every prompt of an interactive session
+            log.info("generate: %d prompts per batch%s", size, "" if self.g.batch_size else " (generate.batch_size=0: auto)")
+            self.told_batch = size
         for start in range(0, len(order), size):
             chunk = order[start:start + size]
             yield self.complete([items[i] for i in chunk], [ids[i] for i in chunk])

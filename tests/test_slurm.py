@@ -183,6 +183,8 @@ def test_every_distributed_stage_ran_one_rank_on_each_of_two_nodes(pipelines):
         for w, path in zip(where, stages[stage]["logs"]):
             assert f"rank {w['rank']} of 2 on {w['host']} ({w['ip']}), cpu" in Path(path).read_text()
     assert "2 processes, 2 data streams" in Path(stages["train"]["logs"][0]).read_text()
+    for path in stages["evaluate"]["logs"]:  # the CPUs the profile gives each task (cpus_per_task: 1), not the node's
+        assert re.search(r"evaluate: .* on rank \d/2, context \d+, stride \d+, 1 threads", Path(path).read_text())
 
     s2, s1 = _samples(run, STEPS), _samples(local, STEPS)["rank-00000.jsonl"]
     r0, r1 = s2["rank-00000.jsonl"], s2["rank-00001.jsonl"]
