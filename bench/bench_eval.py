@@ -15,6 +15,15 @@ Articles: the test split of the real Medium sample (``../shared/data/medium/medi
 read at run time, never copied), prepared with ``medgen prepare`` into a temporary directory.
 Runs alternate (baseline, medgen, baseline, ...) so that load from other processes hits both alike;
 the best of ``--repeats`` is reported. Appends a section to bench/RESULTS.md unless --no-record.
+
+    python bench/bench_eval.py --tuned              # base vs tuned (adapter merged / not merged), medgen's scorer
+
+``--tuned`` measures what evaluate's tuned pass costs against its base pass: a LoRA adapter with medgen's
+defaults (r 16, alpha 32, the architecture's default targets; random non-zero weights, seed 0, so it is
+not a no-op) is saved, then the same articles are scored by the base model, by the tuned model as
+``medgen evaluate`` loads it (``models.attach_adapter``: merged when the merged logits match within
+``eval.merge_tolerance``) and by the tuned model unmerged (``eval.merge_tolerance=0``, what evaluate did
+before), alternating. Goal: tuned within 5% of base tokens/s.
 """
 from __future__ import annotations
 
@@ -52,6 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = the cores this process may use)")
     p.add_argument("--results", default=str(ROOT / "bench" / "RESULTS.md"))
     p.add_argument("--no-record", action="store_true", help="print only; do not append to RESULTS.md")
+    p.add_argument("--tuned", action="store_true", help="base vs tuned (merged, unmerged) instead of guide vs medgen")
     return p.parse_args(argv)
 
 
@@ -140,6 +150,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-eval-") as tmp:
         articles = load(prepare(args.csv, args.model, Path(tmp)), args.articles)
     tok = models.load_tokenizer(args.model)
+    if args.tuned:
+        return tuned_vs_base(args, articles, tok, device)
     model = models.load_model(args.model).to(device).eval()
     sep, c, s = tok.eos_token_id, args.context, args.stride
     runs = {"guide": [], "medgen": []}
@@ -157,6 +169,83 @@ def main(argv=None) -> int:
         with open(args.results, "a") as f:
             f.write(report + "\n")
     return 0 if report_ok(values) else 1
+
+
+def random_adapter(model_name: str, target: Path) -> None:
+    """A LoRA adapter with medgen's defaults and random non-zero weights, saved as train saves one."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from medgen import models
+    from medgen.config import LoraConfig as Lora
+
+    model = models.load_model(model_name)
+    targets, fan_in_fan_out = models.lora_targets(model, [])
+    torch.manual_seed(0)
+    cfg = LoraConfig(r=Lora().r, lora_alpha=Lora().alpha, target_modules=targets, fan_in_fan_out=fan_in_fan_out,
+                     init_lora_weights=False, task_type="CAUSAL_LM")
+    get_peft_model(model, cfg).save_pretrained(str(target))
+
+
+def tuned_vs_base(args, articles, tok, device) -> int:
+    from peft import PeftModel
+
+    from medgen import models
+    from medgen.config import EvalConfig
+
+    sep, c, s = tok.eos_token_id, args.context, args.stride
+    with tempfile.TemporaryDirectory(prefix="bench-eval-adapter-") as tmp:
+        random_adapter(args.model, Path(tmp))
+        loaded = {
+            "base": models.load_model(args.model),
+            "tuned, merged": models.attach_adapter(models.load_model(args.model), tmp, tok, EvalConfig().merge_tolerance,
+                                                   "eval.merge_tolerance"),
+            "tuned, not merged": (PeftModel.from_pretrained(models.load_model(args.model), tmp), False, float("nan")),
+        }
+    merged, diff = loaded["tuned, merged"][1:]
+    models_ = {k: (v if k == "base" else v[0]).to(device).eval() for k, v in loaded.items()}
+    runs = {k: [] for k in models_}
+    values = {}
+    loadavg = [os.getloadavg()[0]]
+    for _ in range(args.repeats):
+        for k, m in models_.items():
+            values[k], t = timed(lambda: medgen_score(m, articles, sep, c, s, args.batch_size, device), device)
+            runs[k].append(t)
+    loadavg.append(os.getloadavg()[0])
+    tokens = values["base"][1]
+    ppl = {k: math.exp(v[0] / v[1]) for k, v in values.items()}
+    best = {k: min(t[0] for t in v) for k, v in runs.items()}
+    best_cpu = {k: min(t[1] for t in v) for k, v in runs.items()}
+    rel = abs(ppl["tuned, merged"] - ppl["tuned, not merged"]) / ppl["tuned, not merged"]
+    ratio = best["base"] / best["tuned, merged"]
+    cmd = "python bench/bench_eval.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    lines = [
+        f"## bench_eval --tuned — {datetime.date.today().isoformat()}",
+        "",
+        f"- machine: {machine(device)} (device `{args.device}`, {os_threads()} torch threads); "
+        f"1-min load average {loadavg[0]:.1f} at start, {loadavg[1]:.1f} at end",
+        f"- command: `{cmd.strip()}`",
+        f"- model `{args.model}` + a random LoRA adapter with medgen's defaults, {len(articles)} test articles of "
+        f"`{Path(args.csv).name}`, {tokens} predicted tokens, context {args.context}, stride {args.stride}, "
+        f"batch {args.batch_size}, best of {args.repeats}",
+        f"- merged: {merged} (relative logit difference {diff:.1e}); tuned perplexity merged {ppl['tuned, merged']:.6f}, "
+        f"not merged {ppl['tuned, not merged']:.6f} (relative difference {rel:.1e}); base {ppl['base']:.6f}",
+        "",
+        "| model | best wall s | tokens/s (wall) | vs base | best CPU s | runs (wall/CPU s) |",
+        "|---|---|---|---|---|---|",
+        *[f"| {k} | {best[k]:.2f} | {tokens / best[k]:.1f} | {best['base'] / best[k]:.3f} | {best_cpu[k]:.2f} | "
+          f"{', '.join(f'{w:.1f}/{c_:.1f}' for w, c_ in runs[k])} |" for k in runs],
+        "",
+        f"Tuned (as evaluate scores it) at **{ratio:.3f}x** the base model's tokens/s (goal ≥ 0.95); "
+        f"unmerged, as before: {best['base'] / best['tuned, not merged']:.3f}x.",
+        "",
+    ]
+    report = "\n".join(lines)
+    print(report)
+    if not args.no_record:
+        with open(args.results, "a") as f:
+            f.write(report + "\n")
+    return 0 if merged and rel < 1e-5 else 1
 
 
 def report_ok(values) -> bool:

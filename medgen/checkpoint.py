@@ -51,12 +51,14 @@ class Checkpoints:
     def add_stream_state(self, step: int, rank: int, state: dict[str, Any]) -> None:
         (self.partial(step) / f"stream-rank-{rank:05d}.json").write_text(json.dumps(state))
 
-    def commit(self, step: int, world_size: int, validation: dict[str, Any] | None = None) -> Path:
-        """Rank 0, once every rank has written its part: mark the checkpoint complete (with the validation
-        state, medgen/validate.py), rename it ``step-N`` (the commit point), drop the oldest complete ones
-        beyond ``keep``, never the best step's."""
+    def commit(self, step: int, world_size: int, validation: dict[str, Any] | None = None,
+               shape: dict[str, Any] | None = None) -> Path:
+        """Rank 0, once every rank has written its part: mark the checkpoint complete (with the run's shape,
+        medgen/elastic.py, and the validation state, medgen/validate.py), rename it ``step-N`` (the commit
+        point), drop the oldest complete ones beyond ``keep``, never the best step's."""
         ckpt, final = self.partial(step), self.directory / f"step-{step}"
-        info = {"step": step, "world_size": world_size, **({"validation": validation} if validation else {})}
+        info = {"step": step, "world_size": world_size, **({"shape": shape} if shape else {}),
+                **({"validation": validation} if validation else {})}
         (ckpt / COMMITTED).write_text(json.dumps(info))
         atomic.commit_dir(ckpt, final)
         best = (validation or {}).get("best_step")
@@ -73,6 +75,12 @@ class Checkpoints:
     def at(self, step: int) -> Path | None:
         """The complete checkpoint of ``step``, if it is there."""
         return next((p for p in self.complete() if self.step(p) == step), None)
+
+    @staticmethod
+    def recorded_streams(ckpt: Path) -> int:
+        """The number of data streams the checkpoint's stream states were written with (0: none there)."""
+        states = sorted(ckpt.glob("stream-rank-*.json"))
+        return json.loads(states[0].read_text())["num_streams"] if states else 0
 
     @staticmethod
     def stream_state(ckpt: Path, num_streams: int, stream_ids: list[int], world: int) -> dict[str, Any]:

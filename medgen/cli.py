@@ -20,7 +20,8 @@ STAGE_HELP = {
     "validate": "check a config and print it fully resolved",
     "config": "print the configuration reference (--doc)",
 }
-STATUS_HELP = "state of each stage of a SLURM chain (sacct), or of each point and stage of a sweep, the failed one and its log"
+STATUS_HELP = ("state of each stage of a SLURM chain (sacct), of each point and stage of a sweep, or of a run.dir run on "
+               "this machine; the failed one, its error and its log")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -108,9 +109,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "status":
         from medgen import sweep
-        from medgen.launch import slurm, sweep as sweep_launch
+        from medgen.launch import local, records, slurm, sweep as sweep_launch
 
-        text, code = (sweep_launch.status if sweep.is_sweep(args.run_dir) else slurm.status)(args.run_dir)
+        if sweep.is_sweep(args.run_dir):
+            text, code = sweep_launch.status(args.run_dir)
+        elif records.read_jobs(args.run_dir) is not None:
+            text, code = slurm.status(args.run_dir)
+        else:
+            text, code = local.status(args.run_dir)
         print(text)
         return code
     cfg = config.load_config(args.config, args.overrides)

@@ -7,6 +7,7 @@ Also here: where each rank runs (``record_placement``), for the job logs and the
 """
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import socket
@@ -35,9 +36,10 @@ def on_cpu() -> bool:
     return parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
 
 
-def init_distributed(deepspeed: bool = False):
+def init_distributed(deepspeed: bool = False, timeout: datetime.timedelta | None = None):
     """accelerate's shared PartialState for this process, started once (later calls join it), checked against
-    the world size the launcher announced (WORLD_SIZE), which it must match.
+    the world size the launcher announced (WORLD_SIZE), which it must match. ``timeout``: the process group's,
+    for every collective (watchdog.pg_timeout: longer than the watchdog's, so the watchdog reports a hang first).
 
     - One process, torchrun, accelerate launch, a SLURM task: on the CPU when ``on_cpu()``. ``PartialState()``
       alone on a CPU machine under torchrun reports ONE process per rank (every rank would do all the work).
@@ -57,9 +59,9 @@ def init_distributed(deepspeed: bool = False):
         if "LOCAL_RANK" not in os.environ:  # gloo needs the process group a launcher describes
             raise DistributedError("DeepSpeed on CPU: start medgen with torchrun or accelerate launch")
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
-        state = PartialState(backend="gloo")
+        state = PartialState(backend="gloo", **({"timeout": timeout} if timeout else {}))
     else:
-        state = PartialState(cpu=on_cpu())
+        state = PartialState(cpu=on_cpu(), **({"timeout": timeout} if timeout else {}))
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if state.num_processes != launched:
         raise DistributedError(f"launched as {launched} processes but accelerate sees {state.num_processes}; "
@@ -67,7 +69,7 @@ def init_distributed(deepspeed: bool = False):
     return state
 
 
-def from_slurm(distributed: bool) -> None:
+def from_slurm(distributed: bool, timeout: datetime.timedelta | None = None) -> None:
     """In a SLURM task (one task per rank, started by srun, never torchrun): threads for the cores SLURM gave
     the task; for train/evaluate/generate, RANK/WORLD_SIZE/MASTER_* exported from SLURM's variables
     (multi-node too), then the shared state started. CUDA_VISIBLE_DEVICES stays as SLURM set it (all GPUs of
@@ -84,7 +86,7 @@ def from_slurm(distributed: bool) -> None:
     env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
     logging.getLogger("medgen").info("rank %d of %d (local %d), master %s:%d", env.rank, env.world_size,
                                      env.local_rank, env.master_addr, env.master_port)
-    init_distributed()
+    init_distributed(timeout=timeout)
 
 
 def is_distributed() -> bool:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from medgen import atomic, models
+from medgen import atomic, models, watchdog
 from medgen import provenance as run_records
 from medgen.config import Config
 from medgen.data import shards, stream
@@ -31,6 +31,8 @@ from medgen.data.storage import disk_errors
 from medgen.dist import init_distributed
 from medgen.errors import UserError
 from medgen.logs import Progress
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 log = logging.getLogger(__name__)
 LN2 = math.log(2.0)
@@ -243,18 +245,18 @@ def per_tag(rows: list[dict], key: str, top: int) -> dict[str, dict[str, float]]
 
 
 def run(cfg: Config) -> dict[str, Any]:
-    state = init_distributed()
+    state = init_distributed(timeout=watchdog.pg_timeout(cfg.run))
     e = cfg.eval
     threads = set_threads(state, e.threads)
     tok = models.load_tokenizer(cfg.model.name_or_path, cfg.model.revision)
     articles = _load_split(cfg, tok)
-    model, has_adapter = _load_model(cfg, state.device)
+    model = models.load_model(cfg.model.name_or_path, cfg.model.revision, DTYPES[e.dtype]).to(state.device).eval()
+    has_adapter = cfg.layout.finished("train") and not cfg.model.base_only
     context, stride = effective_window(model, e.context, e.stride)
     mine = articles[state.process_index::state.num_processes]  # disjoint by article, no sampler padding
     log.info("evaluate: %d of %d %s articles on rank %d/%d, context %d, stride %d, %d threads", len(mine),
              len(articles), e.split, state.process_index, state.num_processes, context, stride, threads)
-    results, seconds = _score_both(model, has_adapter, mine, tok.eos_token_id, context, stride, e.batch_size,
-                                   state.device)
+    results, seconds, merge = _score_both(cfg, model, tok, has_adapter, mine, context, stride, state.device)
     totals = {k: _all_reduce([math.fsum(x[0] for x in v), sum(x[1] for x in v)], state) for k, v in results.items()}
     bytes_total, n_articles = _all_reduce([sum(a["n_bytes"] for a in mine), len(mine)], state)
     gathered = _gather(_article_rows(mine, results), state)
@@ -264,7 +266,7 @@ def run(cfg: Config) -> dict[str, Any]:
     try:  # rank 0 reaches the barrier even if writing fails, so no rank hangs
         rows = _in_manifest_order(gathered, articles)
         info = dict(context=context, stride=stride, has_adapter=has_adapter, world=state.num_processes,
-                    seconds=seconds, threads=threads)
+                    seconds=seconds, threads=threads, merge=merge)
         metrics = build_metrics(cfg, rows, totals, int(round(bytes_total)), int(round(n_articles)), info)
         _write_outputs(cfg, rows, metrics)
     finally:
@@ -282,19 +284,6 @@ def _load_split(cfg: Config, tok) -> list[dict]:
     return articles[:cfg.eval.max_articles] if cfg.eval.max_articles else articles
 
 
-def _load_model(cfg: Config, device: torch.device):
-    """The base model once, with the run's adapter on top when there is one (disabled for 'base')."""
-    from peft import PeftModel
-
-    dtype = torch.float32 if cfg.eval.dtype == "float32" else torch.bfloat16
-    model = models.load_model(cfg.model.name_or_path, cfg.model.revision, dtype)
-    adapter_dir = cfg.layout.adapter
-    has_adapter = cfg.layout.finished("train") and not cfg.model.base_only
-    if has_adapter:
-        model = PeftModel.from_pretrained(model, str(adapter_dir))
-    return model.to(device).eval(), has_adapter
-
-
 def effective_window(model, context: int, stride: int) -> tuple[int, int]:
     cfg = model.config
     limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or context
@@ -304,19 +293,25 @@ def effective_window(model, context: int, stride: int) -> tuple[int, int]:
     return context, min(stride, context - 1)
 
 
-def _score_both(model, has_adapter: bool, mine: list[dict], sep: int, context: int, stride: int,
-                batch_size: int, device: torch.device) -> tuple[dict[str, list], dict[str, float]]:
-    """Base (adapter disabled) and tuned (enabled) from the one loaded model."""
-    results, seconds = {}, {}
-    for key in ("base", "tuned") if has_adapter else ("base",):
+def _score_both(cfg: Config, model, tok, has_adapter: bool, mine: list[dict], context: int, stride: int,
+                device: torch.device) -> tuple[dict[str, list], dict[str, float], dict[str, Any]]:
+    """Base, then tuned: the run's adapter put on the same model, merged into its weights when the merged
+    logits match (models.attach_adapter), so that the tuned pass costs what the base pass costs."""
+    e = cfg.eval
+    results, seconds, merge = {}, {}, {}
+    t0 = time.perf_counter()
+    results["base"] = score(model, mine, tok.eos_token_id, context, stride, e.batch_size, device, "eval base")
+    seconds["base"] = time.perf_counter() - t0
+    if has_adapter:
+        model, merged, diff = models.attach_adapter(model, cfg.layout.adapter, tok, e.merge_tolerance,
+                                                    "eval.merge_tolerance")
+        log.info("adapter %s (merged: %s, relative logit difference %.1e)",
+                 models.adapter_fingerprint(cfg.layout.adapter), merged, diff)
+        merge = {"adapter_merged": merged, "merge_difference": None if math.isnan(diff) else diff}
         t0 = time.perf_counter()
-        if key == "base" and has_adapter:
-            with model.disable_adapter():
-                results[key] = score(model, mine, sep, context, stride, batch_size, device, f"eval {key}")
-        else:
-            results[key] = score(model, mine, sep, context, stride, batch_size, device, f"eval {key}")
-        seconds[key] = time.perf_counter() - t0
-    return results, seconds
+        results["tuned"] = score(model, mine, tok.eos_token_id, context, stride, e.batch_size, device, "eval tuned")
+        seconds["tuned"] = time.perf_counter() - t0
+    return results, seconds, merge
 
 
 def _article_rows(mine: list[dict], results: dict[str, list]) -> list[dict]:
@@ -355,7 +350,9 @@ def build_metrics(cfg: Config, rows: list[dict], totals: dict, n_bytes: int, n_a
         block["per_tag"] = per_tag(rows, k, e.top_tags)
         out[k] = {**block, **provenance}
         if k == "base":
-            out[k]["adapter_fingerprint"] = ""  # scored with the adapter disabled
+            out[k]["adapter_fingerprint"] = ""  # the model before the adapter was put on
+        else:
+            out[k].update(info["merge"])
     if "tuned" in out:
         out["delta"] = {
             "perplexity": out["tuned"]["perplexity"] - out["base"]["perplexity"],

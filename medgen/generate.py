@@ -29,7 +29,7 @@ from typing import Any, Iterator, TextIO
 import torch
 from transformers import GenerationConfig, LogitsProcessor, StoppingCriteria
 
-from medgen import atomic, models, provenance
+from medgen import atomic, models, provenance, watchdog
 from medgen.config import ASSETS, Config, GenerateConfig
 from medgen.data.prompts import STDIN, looks_jsonl, parse_prompts, read_prompts
 from medgen.data.storage import disk_errors
@@ -40,8 +40,6 @@ log = logging.getLogger(__name__)
 
 SCHEMA = ASSETS / "generation.schema.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-# Text for the merge check: a few dozen ordinary tokens.
-PROBE = "The first thing I learned about writing on Medium is that nobody reads the second paragraph, so"
 Key = tuple[str, int]
 
 def expand(prompts: list[dict[str, Any]], num_samples: int) -> list[dict[str, Any]]:
@@ -137,31 +135,6 @@ def line_header(cfg: Config, adapter: bool = True) -> dict[str, Any]:
     }
 
 
-def attach_adapter(model, adapter_dir: str, tolerance: float, probe: torch.Tensor):
-    """(model, merged, relative logit difference): the adapter merged into the weights when exact enough.
-
-    Merging saves the LoRA matmuls at every step. The check, max |merged - unmerged| / max |unmerged|
-    over the logits of a probe text, is relative because logits grow with the model: in fp32 it measured
-    4e-7 on tiny-gpt2 and 4e-6 on SmolLM2-135M, each with a random r=16 adapter (1.3e-4 absolute at logits
-    of ~30), the size of the noise between batch sizes. It runs on every load: cheap, and an unusual
-    adapter or a future peft may not merge as exactly.
-    """
-    from peft import PeftModel
-
-    peft = PeftModel.from_pretrained(model, adapter_dir).eval()
-    if tolerance <= 0:
-        return peft, False, float("nan")
-    with torch.no_grad():
-        before = peft(probe).logits
-        peft.merge_adapter()
-        diff = ((peft(probe).logits - before).abs().max() / before.abs().max()).item()
-    if diff <= tolerance:
-        return peft.unload(), True, diff  # unload() drops the LoRA modules and keeps the merged weights
-    peft.unmerge_adapter()
-    log.warning("adapter not merged: merged logits differ by %.1e (relative) > generate.merge_tolerance=%g", diff, tolerance)
-    return peft, False, diff
-
-
 class Generator:
     """A loaded model (adapter merged when exact enough) that completes batches of work items."""
 
@@ -173,9 +146,8 @@ class Generator:
         model = models.load_model(cfg.model.name_or_path, cfg.model.revision, torch.float32)
         self.adapter_merged, self.merge_diff = False, float("nan")
         if self.header["adapter_fingerprint"]:
-            probe = self.tok(PROBE, return_tensors="pt", add_special_tokens=False)["input_ids"]
-            model, self.adapter_merged, self.merge_diff = attach_adapter(
-                model, str(cfg.layout.adapter), g.merge_tolerance, probe)
+            model, self.adapter_merged, self.merge_diff = models.attach_adapter(
+                model, cfg.layout.adapter, self.tok, g.merge_tolerance, "generate.merge_tolerance")
             log.info("adapter %s (merged: %s, relative logit difference %.1e)",
                      self.header["adapter_fingerprint"], self.adapter_merged, self.merge_diff)
         elif adapter:
@@ -243,7 +215,9 @@ class Generator:
             self.told_batch = size
         for start in range(0, len(order), size):
             chunk = order[start:start + size]
-            yield self.complete([items[i] for i in chunk], [ids[i] for i in chunk])
+            batch = self.complete([items[i] for i in chunk], [ids[i] for i in chunk])
+            watchdog.progress("generate", start + len(chunk))
+            yield batch
 
 
 # bench/bench_generate.py on 2 CPU cores: batch 16 gave 6.8x the per-prompt pipeline, 64 gave 10.7-12x
@@ -290,7 +264,7 @@ def run(cfg: Config) -> dict[str, Any]:
     g = cfg.generate
     if g.prompts == STDIN:
         raise UserError("generate.prompts=- (stdin) works with `medgen generate` only")
-    state = init_distributed()
+    state = init_distributed(timeout=watchdog.pg_timeout(cfg.run))
     prompts = read_prompts(g.prompts, cfg.data.storage_options, cfg.data.retry_seconds)
     layout = cfg.layout
     layout.generations.mkdir(parents=True, exist_ok=True)

@@ -101,6 +101,15 @@ class RunLayout:
     def ranks(self) -> Path:
         return self.root / "ranks"
 
+    def heartbeat(self, stage: str, rank: int) -> Path:
+        """A rank's heartbeat while a stage runs (medgen/watchdog.py)."""
+        return self.ranks / f"heartbeat-{stage}-rank-{rank:05d}.json"
+
+    @property
+    def hang(self) -> Path:
+        """Hang reports and the stacks of the ranks that answered (medgen/watchdog.py)."""
+        return self.root / "hang"
+
     @property
     def slurm(self) -> Path:
         return self.root / "slurm"

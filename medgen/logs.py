@@ -46,6 +46,10 @@ def _not_an_orphaned_connection_error(record: logging.LogRecord) -> bool:
                 and "never retrieved" in record.getMessage())
 
 
+def _errors_only(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.ERROR
+
+
 @contextlib.contextmanager
 def logging_for(quiet: bool, debug: bool) -> Iterator[None]:
     """Log lines, library verbosity, warning filters and progress bars for one command. Everything is put back
@@ -59,7 +63,10 @@ def logging_for(quiet: bool, debug: bool) -> Iterator[None]:
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO)
     env = {"TOKENIZERS_PARALLELISM": os.environ.get("TOKENIZERS_PARALLELISM", "true"),
-           **({"TQDM_DISABLE": "1"} if quiet else {})}  # read by tqdm and tokenizers when they start work
+           **({"TQDM_DISABLE": "1"} if quiet else {}),  # read by tqdm and tokenizers when they start work
+           # transformers sets its loggers' level when it is first imported, after this: its own variable
+           # keeps notices such as the PAD-token alignment out (a user's TRANSFORMERS_VERBOSITY wins)
+           **({} if debug else {"TRANSFORMERS_VERBOSITY": os.environ.get("TRANSFORMERS_VERBOSITY", "error")})}
     saved_env = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
@@ -67,11 +74,15 @@ def logging_for(quiet: bool, debug: bool) -> Iterator[None]:
             if not debug:  # known-noisy library messages; errors still surface
                 for name in NOISY:
                     logging.getLogger(name).setLevel(logging.ERROR)
+                # DeepSpeed resets its logger's level when imported (after this) and logs "Setting accelerator to
+                # CPU" on every CPU rank: a filter on the logger survives that, and it logs on this logger only
+                logging.getLogger("DeepSpeed").addFilter(_errors_only)
                 warnings.filterwarnings("ignore", category=FutureWarning)
                 warnings.filterwarnings("ignore", category=UserWarning)
             yield
     finally:
         root.removeHandler(handler)
+        logging.getLogger("DeepSpeed").removeFilter(_errors_only)
         for name, level in levels.items():
             logging.getLogger(name).setLevel(level)
         for k, v in saved_env.items():
@@ -96,6 +107,9 @@ class Progress:
             self.log.info("%s: 0/%d %s", what, total, unit)
 
     def update(self, n: int, tokens: int = 0) -> None:
+        from medgen import watchdog
+
+        watchdog.progress(self.what)  # the loop advanced: the rank is not hung (medgen/watchdog.py)
         self.done += n
         self.tokens += tokens
         now = time.monotonic()

@@ -156,6 +156,39 @@ def load_model(name_or_path: str, revision: str = "", dtype: torch.dtype | None 
         ) from None
 
 
+# Text for the merge check: a few dozen ordinary tokens.
+MERGE_PROBE = "The first thing I learned about writing on Medium is that nobody reads the second paragraph, so"
+
+
+def attach_adapter(model, adapter_dir: str | os.PathLike, tok, tolerance: float, setting: str):
+    """(model, merged, relative logit difference): the adapter on ``model``, merged into its weights when
+    exact enough (generate and evaluate, each with its own ``setting`` for the tolerance).
+
+    Merging saves the LoRA matmuls at every step (evaluate's tuned pass was 23% slower than its base pass
+    unmerged). The check, max |merged - unmerged| / max |unmerged| over the logits of a probe text, is
+    relative because logits grow with the model: in fp32 it measured 4e-7 on tiny-gpt2 and 4e-6 on
+    SmolLM2-135M, each with a random r=16 adapter (1.3e-4 absolute at logits of ~30), the size of the noise
+    between batch sizes. It runs on every load: cheap, and an unusual adapter, a bf16 model or a future peft
+    may not merge as exactly. ``model`` is changed in place (LoRA layers injected): load it for this.
+    """
+    import torch
+    from peft import PeftModel
+
+    peft = PeftModel.from_pretrained(model, str(adapter_dir)).eval()
+    if tolerance <= 0:
+        return peft, False, float("nan")
+    probe = tok(MERGE_PROBE, return_tensors="pt", add_special_tokens=False)["input_ids"].to(model.device)
+    with torch.no_grad():
+        before = peft(probe).logits.float()
+        peft.merge_adapter()
+        diff = ((peft(probe).logits.float() - before).abs().max() / before.abs().max()).item()
+    if diff <= tolerance:
+        return peft.unload(), True, diff  # unload() drops the LoRA modules and keeps the merged weights
+    peft.unmerge_adapter()
+    log.warning("adapter not merged: merged logits differ by %.1e (relative) > %s=%g", diff, setting, tolerance)
+    return peft, False, diff
+
+
 def set_dropout(model, p: float) -> int:
     """Set every dropout probability inside ``model`` to ``p``; the number of places changed.
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 import signal
 import time
@@ -24,7 +25,7 @@ import torch
 from transformers import TrainerCallback
 from trl import SFTTrainer
 
-from medgen import atomic, dist, models, provenance, throughput, train_args, validate
+from medgen import atomic, dist, elastic, models, provenance, throughput, train_args, validate, watchdog
 from medgen.checkpoint import Checkpoints
 from medgen.config import Config
 from medgen.data import shards, storage
@@ -58,12 +59,13 @@ def sft_config(cfg: Config, precision: str):
     from trl import SFTConfig
 
     deepspeed = dist.deepspeed_requested(cfg.train.deepspeed)
-    dist.init_distributed(deepspeed=deepspeed)
+    dist.init_distributed(deepspeed=deepspeed, timeout=watchdog.pg_timeout(cfg.run))
     resolved = train_args.Resolved(precision=precision, cpu=not torch.cuda.is_available(), deepspeed=deepspeed)
     args: dict[str, Any] = dict(
         report_to="none",  # TensorBoard is medgen's own callback, writing to <run.dir>/tensorboard (_tensorboard)
         ddp_find_unused_parameters=False,
         disable_tqdm=False,
+        log_level_replica="passive",  # the Trainer would set the other ranks' transformers logging to "warning"
     )
     args.update(train_args.managed(cfg, resolved))
     args.update(cfg.train.sft_args)
@@ -157,19 +159,35 @@ class StopOnSignal(TrainerCallback):
         return control
 
 
+class MarkProgress(TrainerCallback):
+    """Marks each micro-batch, step and checkpoint for the watchdog (medgen/watchdog.py): attribute writes,
+    no I/O, no collective."""
+
+    def on_substep_end(self, args, state, control, **kw):
+        watchdog.progress("step", state.global_step)
+
+    def on_step_end(self, args, state, control, **kw):
+        watchdog.progress("step", state.global_step)
+
+    def on_save(self, args, state, control, **kw):
+        watchdog.progress("checkpoint", state.global_step)
+
+
 class CommitCheckpoint(TrainerCallback):
     """After the Trainer saved checkpoint-N: every rank adds its data streams' positions, then rank 0 commits it
     as step-N once all have (medgen/checkpoint.py), with the validation state (medgen/validate.py)."""
 
-    def __init__(self, checkpoints: Checkpoints, stream: PackedStream, validation: validate.State | None):
-        self.checkpoints, self.stream, self.validation = checkpoints, stream, validation
+    def __init__(self, checkpoints: Checkpoints, stream: PackedStream, validation: validate.State | None,
+                 shape: elastic.Shape):
+        self.checkpoints, self.stream, self.validation, self.shape = checkpoints, stream, validation, shape
 
     def on_save(self, args, state, control, **kw):
         self.checkpoints.add_stream_state(state.global_step, args.process_index, self.stream.state_dict())
         dist.barrier()
         if state.is_world_process_zero:
             vstate = self.validation.as_dict() if self.validation else None
-            log.info("checkpoint %s saved", self.checkpoints.commit(state.global_step, args.world_size, vstate))
+            log.info("checkpoint %s saved", self.checkpoints.commit(state.global_step, args.world_size, vstate,
+                                                                    self.shape.as_dict()))
         dist.barrier()
 
 
@@ -270,13 +288,14 @@ class MedgenSFTTrainer(SFTTrainer):
 class TrainSetup:
     """Everything ``run`` needs from start-up: the trainer and what it was built from."""
 
+    cfg: Config  # as run: the per-process batch and streams resolved (medgen/elastic.py)
+    shape: elastic.Shape
     trainer: MedgenSFTTrainer
     stream: PackedStream
     collator: RecordingCollator
     tokenizer: Any
     precision: str  # resolved: bf16 | fp16 | fp32
     targets: list[str] | str  # the LoRA target modules
-    streams: int  # data streams (train.data_streams, or the number of processes)
     validator: validate.Validator | None  # None: no validation during training
     split_tokens: int  # the training split as the stream reads it: its tokens plus one separator per article
 
@@ -284,14 +303,15 @@ class TrainSetup:
 def build_trainer(cfg: Config) -> TrainSetup:
     from peft import LoraConfig
 
-    t = cfg.train
     tok = models.load_tokenizer(cfg.model.name_or_path, cfg.model.revision)
     manifest = shards.read_manifest(cfg.shards_url, cfg.data.storage_options, cfg.data.retry_seconds)
     shards.check_tokenizer(manifest, models.tokenizer_fingerprint(tok), cfg.model.name_or_path, cfg.shards_url)
+    cfg, shape = _shape(cfg, manifest)
+    t = cfg.train
     precision = resolve_precision(t.precision)
     args = sft_config(cfg, precision)  # initialises the distributed state (accelerate)
     rank, world = args.process_index, args.world_size
-    streams = t.data_streams or world
+    streams = shape.streams
     try:
         dataset = PackedStream(cfg.shards_url, manifest, cfg.data.storage_options, t.max_length, tok.eos_token_id,
                                t.packing, streams, rank, world, retry_seconds=cfg.data.retry_seconds)
@@ -322,8 +342,25 @@ def build_trainer(cfg: Config) -> TrainSetup:
     if checker:
         checker.window(model)
     split = manifest["splits"]["train"]
-    return TrainSetup(trainer, dataset, collator, tok, precision, targets, streams, checker,
+    return TrainSetup(cfg, shape, trainer, dataset, collator, tok, precision, targets, checker,
                       split["tokens"] + split["articles"])
+
+
+def _shape(cfg: Config, manifest: dict[str, Any]) -> tuple[Config, elastic.Shape]:
+    """The run's shape (medgen/elastic.py): from the newest checkpoint when resuming, on this number of
+    processes (the launcher's WORLD_SIZE, before the process group starts); ``cfg`` with it applied."""
+    t, world = cfg.train, int(os.environ.get("WORLD_SIZE", "1"))
+    newest = Checkpoints(cfg.layout.checkpoints, t.keep_checkpoints).newest()
+    if newest is None:
+        shape = elastic.first_start(t, world, len(manifest["splits"]["train"]["shards"]))
+    elif "shape" in (info := Checkpoints.info(newest)):
+        shape = elastic.resumed(t, world, info["shape"], str(newest))
+        note = elastic.describe_change(info["shape"], shape)
+        if note and int(os.environ.get("RANK", "0")) == 0:
+            log.info("%s", note)
+    else:  # written before checkpoints recorded their shape
+        shape = elastic.legacy(t, world, t.data_streams or Checkpoints.recorded_streams(newest) or world)
+    return elastic.applied(cfg, shape), shape
 
 
 def _tensorboard(cfg: Config, args) -> list:
@@ -357,8 +394,8 @@ def loraplus_optimizer(trainer, model, ratio: float) -> torch.optim.Optimizer:
 
 
 def run(cfg: Config) -> dict[str, Any]:
-    t = cfg.train
     setup = build_trainer(cfg)
+    cfg, t = setup.cfg, setup.cfg.train
     trainer, args = setup.trainer, setup.trainer.args
     checkpoints = Checkpoints(Path(args.output_dir), t.keep_checkpoints)
     resume = checkpoints.newest()
@@ -377,9 +414,10 @@ def run(cfg: Config) -> dict[str, Any]:
                         f"{trainer.state.global_step}; "
                         f"checkpoint saved in {checkpoints.directory}; rerun the same command to resume")
     step, why = _final_adapter(cfg, trainer, checkpoints, vstate)
+    watchdog.progress("save adapter")
     adapter_dir = cfg.layout.adapter
     _save_atomic(trainer, adapter_dir, lambda tmp: provenance.write(
-        cfg, "train", tmp, precision=setup.precision, world_size=args.world_size, data_streams=setup.streams,
+        cfg, "train", tmp, precision=setup.precision, world_size=args.world_size, data_streams=setup.shape.streams,
         lora_targets=setup.targets, tokens_per_step=_tokens_per_step(cfg, args.world_size),
         tokenizer_fingerprint=models.tokenizer_fingerprint(setup.tokenizer),
         adapter_fingerprint=models.adapter_fingerprint(tmp), steps=trainer.state.global_step, adapter_step=step,
@@ -436,7 +474,8 @@ def _add_callbacks(cfg: Config, setup: TrainSetup, checkpoints: Checkpoints, sig
     rate = Throughput(_tokens_per_step(cfg, args.world_size), throughput.flops_per_token(trainer.model, cfg.train.max_length),
                       throughput.device_peak(args.device, setup.precision), setup.split_tokens)
     # the train log and TensorBoard after Throughput: they see what it adds to the logs
-    for cb in (SampleLog(cfg.layout, setup.collator), *checking, stop, CommitCheckpoint(checkpoints, setup.stream, vstate),
+    for cb in (MarkProgress(), SampleLog(cfg.layout, setup.collator), *checking, stop,
+               CommitCheckpoint(checkpoints, setup.stream, vstate, setup.shape),
                rate, TrainLog(cfg.layout, rate), *_tensorboard(cfg, args)):
         trainer.add_callback(cb)
     return stop
@@ -460,7 +499,7 @@ def _resume(cfg: Config, setup: TrainSetup, checkpoints: Checkpoints, resume: Pa
         checkpoints.remove_partial()
         log.info("train: %s + LoRA r=%d on %s, %s, %d steps x %d tokens, %d processes, %d data streams, "
                  "%.0f MFLOP per token%s", cfg.model.name_or_path, cfg.lora.r, setup.targets, setup.precision,
-                 t.max_steps, _tokens_per_step(cfg, args.world_size), args.world_size, setup.streams,
+                 t.max_steps, _tokens_per_step(cfg, args.world_size), args.world_size, setup.shape.streams,
                  throughput.flops_per_token(trainer.model, t.max_length) / 1e6,
                  f", resuming from {resume}" if resume else "")
         if setup.validator:

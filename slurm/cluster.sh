@@ -372,7 +372,10 @@ status_one() {
     if alive "slurmd.$n" slurmd; then echo "  slurmd $n: running (pid $(cat "$RUN/slurmd.$n.pid"))"
     else echo "  slurmd $n: not running"; fi
   done
-  if alive slurmctld slurmctld; then sinfo -N -o '%N %T %c %m %G' 2>&1 | sed 's/^/  /'; fi
+  if alive slurmctld slurmctld; then
+    sinfo -N -o '%N %T %c %m %G' 2>&1 | sed 's/^/  /'
+    echo "  use: source $D/env.sh"
+  fi
 }
 
 crash() {  # kill -9 node NODE_ARG's slurmd, its slurmstepds and tasks: everything in its namespace

@@ -33,6 +33,12 @@ def tiny_run(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def shards(tiny_run) -> str:
+    """The tiny run's prepared dataset, which the training tests train on."""
+    return str(tiny_run / "data")
+
+
+@pytest.fixture(scope="session")
 @costly
 def reference_run(tmp_path_factory, tiny_run) -> Path:
     """The reference training run (helpers.REFERENCE_TRAIN) on the tiny run's shards, one process: what the

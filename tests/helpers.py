@@ -39,6 +39,17 @@ def command(*args: str) -> list[str]:
     return [sys.executable, "-m", "medgen", *args]
 
 
+def launched(nproc: int, *args: str) -> list[str]:
+    """The CLI with ``args`` in one process, or under torchrun as ``nproc`` processes on a free-ish port."""
+    if nproc == 1:
+        return command(*args)
+    import random
+
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    return [torchrun, "--nproc_per_node", str(nproc), "--master_port", str(random.randint(20000, 40000)),
+            "-m", "medgen", *args]
+
+
 def medgen(*args: str, check: bool = True, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run the real CLI in a fresh process (``env``: added to this process's environment)."""
     proc = subprocess.run(command(*args), cwd=ROOT, capture_output=True, text=True, timeout=timeout,

@@ -41,3 +41,32 @@ def test_stream_states_merge_for_another_world_size_and_refuse_another_stream_co
     with pytest.raises(UserError, match=r"train.data_streams: checkpoint .*step-3 was trained with 4 data streams, "
                                         r"this run has 2"):
         Checkpoints.stream_state(ckpt, 2, [0, 1], world=1)
+
+
+def test_a_resume_on_another_world_size_keeps_the_streams_and_the_global_batch():
+    from medgen import elastic
+    from medgen.config import TrainConfig
+
+    t = TrainConfig(batch_size=4, grad_accum=1)
+    started = elastic.first_start(t, world=2, train_shards=4)
+    assert (started.streams, started.global_batch) == (4, 8)  # one stream per shard, a multiple of 2
+    rec = started.as_dict()
+    assert elastic.resumed(t, 1, rec, "ck") == elastic.Shape(4, 8, 4, 2, 1)  # the batch kept, accumulation 2
+    assert elastic.resumed(t, 4, rec, "ck") == elastic.Shape(4, 8, 2, 1, 4)  # the largest batch that fits
+    assert elastic.resumed(TrainConfig(batch_size=3), 1, rec, "ck") == elastic.Shape(4, 8, 2, 4, 1)
+    with pytest.raises(UserError, match=r"reads 4 data streams, which 3 processes cannot share .* resume it on "
+                                        r"1, 2, 4 processes"):
+        elastic.resumed(t, 3, rec, "ck")
+    with pytest.raises(UserError, match=r"train.data_streams: checkpoint ck was trained with 4 data streams, this run "
+                                        r"has 2"):
+        elastic.resumed(TrainConfig(data_streams=2), 2, rec, "ck")
+    assert elastic.describe_change(rec, elastic.resumed(t, 2, rec, "ck")) is None
+    assert "checkpointed on 2 processes on 1" in elastic.describe_change(rec, elastic.resumed(t, 1, rec, "ck"))
+
+
+@pytest.mark.parametrize("world, shards, streams", [(1, 2, 2), (2, 2, 2), (3, 8, 6), (4, 2, 4), (1, 500, 64),
+                                                    (128, 256, 128)])
+def test_default_streams_are_the_shards_a_multiple_of_the_processes(world, shards, streams):
+    from medgen import elastic
+
+    assert elastic.default_streams(world, shards) == streams

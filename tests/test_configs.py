@@ -45,7 +45,8 @@ def pinned(path):
 
 
 def test_the_auto_fields_are_the_ones_documented():
-    assert set(auto_fields()) == {"data.workers", "train.precision", "eval.threads", "generate.batch_size"}
+    assert set(auto_fields()) == {"data.workers", "train.precision", "eval.threads", "generate.batch_size",
+                                   "train.data_streams"}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)

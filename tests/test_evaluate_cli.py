@@ -48,6 +48,7 @@ def evals(tiny_run, tmp_path_factory):
         "3": _evaluate(tiny_run, dest, "3", 3, "eval.batch_size=3"),
         # 3 ranks, 2 articles: one rank scores nothing and must still join every collective
         "3-idle": _evaluate(tiny_run, dest, "3-idle", 3, "eval.max_articles=2"),
+        "unmerged": _evaluate(tiny_run, dest, "unmerged", 1, "eval.merge_tolerance=0"),
     }
 
 
@@ -149,6 +150,19 @@ def test_metrics_schema(evals):
     assert d["ci95"][0] <= d["perplexity"] <= d["ci95"][1]
     assert d["ratio"] == pytest.approx(m["tuned"]["perplexity"] / m["base"]["perplexity"])
 
+
+def test_tuned_model_scored_merged_gives_the_unmerged_numbers(evals):
+    """The tuned pass runs with the adapter merged into the weights (as fast as the base pass) when the merged
+    logits match; the numbers are the unmerged model's within the merge's rounding, and metrics say which ran."""
+    merged, rows_merged = _load(evals["1"])
+    unmerged, rows_unmerged = _load(evals["unmerged"])
+    assert merged["tuned"]["adapter_merged"] is True and 0 <= merged["tuned"]["merge_difference"] <= 1e-4
+    assert unmerged["tuned"]["adapter_merged"] is False and unmerged["tuned"]["merge_difference"] is None
+    for key in ("adapter_merged", "merge_difference"):
+        del merged["tuned"][key], unmerged["tuned"][key]
+    _assert_close(merged, unmerged)
+    _assert_close(rows_merged, rows_unmerged)
+    assert merged["tuned"]["perplexity"] != merged["base"]["perplexity"]
 
 
 def test_progress_shows_in_a_log_that_is_not_a_terminal(tmp_path, tiny_run):

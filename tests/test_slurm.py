@@ -6,6 +6,8 @@ sbatch script."""
 import json
 import os
 import re
+import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -295,6 +297,106 @@ def test_a_lost_node_fails_the_job_which_is_requeued_and_resumes_exactly(pipelin
     assert t_fail - t_crash < 120
 
 
+HANG = ["run.hang_timeout=20", "run.start_timeout=60", "data.retry_seconds=5"]  # the watchdog, lowered
+
+
+def _stop_rank(run: Path, stage: str, rank: int, when=lambda: True, timeout: float = 600) -> dict:
+    """SIGSTOP the process of ``rank`` (on its node; the cluster's nodes share this machine's PIDs) once it has
+    recorded where it runs and ``when()`` holds: a frozen rank, which neither exits nor logs."""
+    placement, deadline = run / "ranks" / f"{stage}-rank-{rank:05d}.json", time.time() + timeout
+    while not (placement.exists() and when()):
+        assert time.time() < deadline, f"{stage} rank {rank} never started"
+        time.sleep(0.05)
+    where = json.loads(placement.read_text())
+    os.kill(where["pid"], signal.SIGSTOP)
+    return where
+
+
+def _hang_report(run: Path, stage: str, stopped: dict) -> dict:
+    report = json.loads((run / "hang" / f"{stage}.json").read_text())
+    states = {r["rank"]: r for r in report["ranks"]}
+    assert states[1]["state"] == "stopped responding" and states[1]["host"] == stopped["host"], report
+    assert states[0]["state"] == "waiting" and report["reporter"] == 0, report
+    assert (run / "hang" / f"{stage}-rank-00000-stacks.txt").exists()
+    return report
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_a_stopped_rank_is_reported_and_the_job_requeued_and_resumed_exactly(pipelines, tmp_path):
+    run, reference = tmp_path / "hang", pipelines["slurm"]
+    medgen("run", "--executor", "slurm", *COMMON, *HANG, f"run.dir={run}", f"data.shards={reference / 'data'}",
+           "slurm.stages=[train]", "train.save_steps=2")
+    job_id = _jobs(run)["stages"]["train"]["job_id"]
+    stopped = _stop_rank(run, "train", 1, lambda: bool(list((run / "checkpoints").glob("step-*"))))
+    assert _wait(run)["train"]["State"] == "COMPLETED"
+    history = [r["State"] for r in _sacct(run, "--duplicates", fields="JobID,State")]
+    assert history == ["REQUEUED", "COMPLETED"], history
+    report = _hang_report(run, "train", stopped)
+    log_text = Path(_jobs(run)["stages"]["train"]["logs"][0]).read_text()
+    assert "stopped responding" in log_text and f"requeueing SLURM job {job_id}" in log_text
+    resumed = [int(n) for n in re.findall(r"resuming from \S+/step-(\d+)", log_text)]
+    assert len(resumed) == 1 and 2 <= resumed[0] < STEPS and report["step"] >= 2, (resumed, report["step"])
+    assert max_diff(adapter(run), adapter(reference)) <= 1e-5
+    assert _samples(run, STEPS) == _samples(reference, STEPS)
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["evaluate", "generate"])
+def test_a_stopped_rank_in_evaluate_or_generate_is_requeued_and_the_output_exact(pipelines, tmp_path, stage):
+    run, reference = tmp_path / stage, pipelines["slurm"]
+    shutil.copytree(reference / "adapter", run / "adapter")
+    medgen("run", "--executor", "slurm", *COMMON, *HANG, f"run.dir={run}", f"data.shards={reference / 'data'}",
+           f"slurm.stages=[{stage}]")
+    stopped = _stop_rank(run, stage, 1)
+    assert _wait(run)[stage]["State"] == "COMPLETED"
+    history = [r["State"] for r in _sacct(run, "--duplicates", fields="JobID,State")]
+    assert history == ["REQUEUED", "COMPLETED"], history
+    _hang_report(run, stage, stopped)
+    if stage == "evaluate":
+        ours, theirs = (json.loads((d / "eval" / "metrics.json").read_text()) for d in (run, reference))
+        for m in (ours, theirs):
+            m.pop("timing")
+        assert _close(ours, theirs, 1e-9)
+    else:  # every prompt exactly once, the same completions
+        lines = [json.loads(x) for x in (run / "generations" / "generations.jsonl").read_text().splitlines()]
+        want = [json.loads(x) for x in (reference / "generations" / "generations.jsonl").read_text().splitlines()]
+        assert [(r["id"], r["completion"]) for r in lines] == [(r["id"], r["completion"]) for r in want]
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_a_job_that_lost_a_node_goes_on_with_the_one_it_has(pipelines, tmp_path):
+    """slurm.min_nodes=1: the requeued training starts on node 1 alone while node 2 stays down, keeps its data
+    order and global batch (medgen/elastic.py), and ends with the uninterrupted run's adapter."""
+    run, reference = tmp_path / "elastic", pipelines["slurm"]
+    medgen("run", "--executor", "slurm", *COMMON, f"run.dir={run}", f"data.shards={reference / 'data'}",
+           "slurm.stages=[train]", "train.save_steps=2", "slurm.min_nodes=1")
+    script = next(Path(_jobs(run)["folder"]).rglob("*_submission.sh")).read_text()
+    assert "#SBATCH --nodes=1-2" in script
+    deadline = time.time() + 600
+    while not list((run / "checkpoints").glob("step-*")):
+        assert time.time() < deadline, "no checkpoint was committed"
+        time.sleep(0.1)
+    first = _placements(run, "train", 2)
+    try:
+        subprocess.run(["bash", str(ROOT / "slurm" / "cluster.sh"), "crash", first[1]["host"], "--nodes", "2"],
+                       capture_output=True, text=True, check=True)
+        assert _wait(run)["train"]["State"] == "COMPLETED"  # node 2 is still down
+        history = [r["State"] for r in _sacct(run, "--duplicates", fields="JobID,State,NNodes")]
+        assert history == ["NODE_FAIL", "COMPLETED"], history
+        nnodes = [r["NNodes"] for r in _sacct(run, "--duplicates", fields="JobID,State,NNodes")]
+        assert nnodes == ["2", "1"], nnodes
+        rank0 = json.loads((run / "ranks" / "train-rank-00000.json").read_text())
+        assert rank0["world_size"] == 1 and rank0["host"] == first[0]["host"]
+        log_text = Path(_jobs(run)["stages"]["train"]["logs"][0]).read_text()
+        assert "resuming a run checkpointed on 2 processes on 1" in log_text
+        assert max_diff(adapter(run), adapter(reference)) <= 1e-5
+    finally:
+        local_cluster(2)  # node 2 back for the tests after this one
+
+
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_scancel_stops_training_for_good_after_a_checkpoint(pipelines, tmp_path):
@@ -333,6 +435,10 @@ def test_a_failed_stage_cancels_its_dependents_and_status_names_it(slurm_cluster
     assert "stage train failed (FAILED" in status.stdout and f"see {failed_log}" in status.stdout
     assert "cancelled: evaluate, generate, report" in status.stdout
     assert "no manifest.json at" in Path(failed_log).read_text()  # the named log holds the cause
+    error = status.stdout.splitlines()[status.stdout.splitlines().index(next(
+        line for line in status.stdout.splitlines() if line.startswith("stage train failed"))) + 1]
+    assert "no manifest.json at" in error  # ... and status shows it: SLURM's exit code does not say it
+    assert status.stdout.count("(no log: never started)") == 3  # the cancelled stages never wrote one
 
 
 @pytest.mark.slurm
@@ -518,6 +624,21 @@ def test_gpu_profile_runs_one_task_per_gpu_on_every_node(tmp_path):
     assert "gpus_per_node" not in prepare
 
 
-def test_status_without_a_chain_is_a_user_error(tmp_path):
+def test_status_of_a_directory_without_a_run_is_a_user_error(tmp_path):
     proc = medgen("status", str(tmp_path), check=False)
-    assert proc.returncode == 2 and "no SLURM chain was submitted" in proc.stderr
+    assert proc.returncode == 2 and "nothing of a medgen run here" in proc.stderr
+    proc = medgen("status", str(tmp_path / "typo"), check=False)
+    assert proc.returncode == 2 and "no such run directory" in proc.stderr
+
+
+def test_status_of_a_run_on_this_machine(tiny_run, tmp_path):
+    out = medgen("status", str(tiny_run)).stdout
+    assert "run on this machine" in out
+    states = {line.split()[0]: line.split()[1] for line in out.splitlines()[2:]}
+    assert states == dict.fromkeys(("prepare", "train", "evaluate", "generate", "report"), "finished")
+    # a training that stopped at a checkpoint: status says so and where it resumes from
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run / "data", run / "data")
+    shutil.copytree(tiny_run / "checkpoints", run / "checkpoints")
+    out = medgen("status", str(run)).stdout
+    assert re.search(r"train\s+stopped\s+checkpoint .*step-\d+", out) and "evaluate  -" in out

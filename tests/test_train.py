@@ -11,32 +11,23 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from tests.helpers import REFERENCE_STEPS, REFERENCE_TRAIN, ROOT, TINY, adapter, command, env, max_diff
+from tests.helpers import REFERENCE_STEPS, REFERENCE_TRAIN, ROOT, TINY, adapter, env, launched, max_diff
 
 pytestmark = pytest.mark.slow
 STEPS = REFERENCE_STEPS
 DROPOUT = "lora.dropout=0.05"  # the resume runs keep LoRA dropout on: resuming must restore its RNG too
 
 
-@pytest.fixture(scope="module")
-def shards(tiny_run):
-    return str(tiny_run / "data")
-
-
 def _cmd(nproc: int, run_dir: Path, shards: str, *extra: str) -> list[str]:
     """The reference run's settings (helpers.REFERENCE_TRAIN), then ``extra`` (later settings win)."""
-    args = ["train", *TINY, f"run.dir={run_dir}", f"data.shards={shards}", *REFERENCE_TRAIN, *extra]
-    if nproc == 1:
-        return command(*args)
-    torchrun = str(Path(sys.executable).with_name("torchrun"))
-    return [torchrun, "--nproc_per_node", str(nproc), "--master_port", str(random.randint(20000, 40000)),
-            "-m", "medgen", *args]
+    return launched(nproc, "train", *TINY, f"run.dir={run_dir}", f"data.shards={shards}", *REFERENCE_TRAIN, *extra)
 
 
 def _run(nproc, run_dir, shards, *extra):
     proc = subprocess.run(_cmd(nproc, run_dir, shards, *extra), cwd=ROOT, env=env(), capture_output=True,
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    run_dir.with_name(run_dir.name + ".stderr").write_text(proc.stderr)
     return run_dir
 
 
@@ -84,6 +75,10 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, shards):
     for step, r in val[0].items():
         assert r["eval_tokens"] == val[1][step]["eval_tokens"]
         assert r["eval_loss"] == pytest.approx(val[1][step]["eval_loss"], rel=1e-6)
+    # no library notice that tells the user nothing, on any rank (medgen/logs.py)
+    err = two.with_name("two.stderr").read_text()
+    for noise in ("Setting accelerator to CPU", "PAD/BOS/EOS", "attention_mask"):
+        assert noise not in err, noise
 
 
 def _kill9_tree(pid: int) -> None:

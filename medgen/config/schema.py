@@ -74,6 +74,14 @@ class RunConfig:
     dir: str = opt("runs/demo", "Run directory: adapter, checkpoints, eval, generations and report go here.",
                    nonempty=True)
     name: str = opt("demo", "A name for this run, used in logs and job names.")
+    hang_timeout: float = opt(
+        900.0, "Seconds without progress on any rank after which train/evaluate/generate is declared hung: stacks and a "
+        "report in <run.dir>/hang, then exit 75 (SLURM: requeued, resumes from the last checkpoint). Longer than "
+        "data.retry_seconds and a step; 0 = no watchdog (docs/reliability.md).", ge=0,
+    )
+    start_timeout: float = opt(
+        1800.0, "The same before a stage's first progress: model loading and the first (maybe compiled) step.", gt=0,
+    )
 
 
 @dataclass
@@ -184,8 +192,9 @@ class TrainConfig:
         "wrapped", "wrapped: documents joined with eos and cut anywhere; documents: position ids restart per document."
     )
     data_streams: int = opt(
-        0, "Data streams (0 = number of processes); fix it to keep the data order when the process count changes.",
-        ge=0,
+        0, "Data streams, the sample order (0 = one per training shard, a multiple of the processes, at most 64); "
+        "fixed at a run's first start: a resume on another number of processes keeps it (medgen/elastic.py).",
+        ge=0, auto=0,
     )
     keep_checkpoints: int = opt(2, "Complete checkpoints kept in <run.dir>/checkpoints (newest first).", gt=0)
     deepspeed: str = opt("", "DeepSpeed config JSON (e.g. configs/deepspeed/zero2.json); '' = plain DDP.")
@@ -234,6 +243,8 @@ class EvalConfig:
     top_tags: int = opt(10, "Per-tag perplexity for this many most frequent tags (0 = none).", ge=0)
     threads: int = opt(0, "CPU threads per process (0 = the cores this process may use / processes on the node).",
                        ge=0, auto=0)
+    merge_tolerance: float = opt(1e-4, "Score the tuned model with the adapter merged into the weights if merged logits "
+                                 "match unmerged within this (relative; metrics.json says which); 0 = never.", ge=0)
 
     def problems(self) -> list[str]:
         if self.stride >= self.context:
@@ -285,6 +296,9 @@ class SlurmConfig:
                        "slurm.profile_dir) or a YAML path.")
     profile_dir: str = opt("", "Directory of your own profiles, searched for a bare slurm.profile name before the built-in ones.")
     nodes: int = opt(0, "Nodes for train, evaluate and generate (0 = the profile's).", ge=0)
+    min_nodes: int = opt(0, "Let train, evaluate and generate start on as few as this many nodes when no more are free "
+                         "(a requeued job that lost a node goes on without it; training keeps its data order and "
+                         "global batch); 0 = the profile's (all nodes).", ge=0)
     timeout_min: int = opt(0, "Time limit of each stage's job in minutes (0 = the profile's).", ge=0)
     signal_delay_s: int = opt(
         90, "USR2 this long before the time limit: train checkpoints, the job is requeued (< time limit - 60 s).", ge=0,
@@ -302,6 +316,8 @@ class SlurmConfig:
             return [f"slurm.stages: unknown stage(s) {', '.join(unknown)} (known: {', '.join(STAGES)})"]
         if not self.stages or self.stages != sorted(set(self.stages), key=STAGES.index):
             return [f"slurm.stages: must list stages once each, in pipeline order ({', '.join(STAGES)})"]
+        if self.nodes and self.min_nodes > self.nodes:
+            return [f"slurm.min_nodes: must be <= slurm.nodes ({self.min_nodes} > {self.nodes})"]
         return []
 
 
@@ -345,6 +361,9 @@ class Config:
         for f in dataclasses.fields(self):
             section = getattr(self, f.name)
             p += section.problems() if hasattr(section, "problems") else []
+        if 0 < self.run.hang_timeout <= self.data.retry_seconds:  # an outage the job rides out is not a hang
+            p.append(f"run.hang_timeout: must be longer than data.retry_seconds ({self.run.hang_timeout:g} <= "
+                     f"{self.data.retry_seconds:g}), or 0 for no watchdog")
         return p
 
 

@@ -21,13 +21,18 @@ def stage_fn(name: str) -> Callable[[Config], Any]:
 
 
 def run_stage(name: str, cfg: Config) -> Any:
-    from medgen import preflight
+    from medgen import preflight, watchdog
 
     preflight.check(cfg, (name,))  # before the stage's module is even imported
     t0 = time.time()
     log.info("%s: start", name)
-    with process_globals_restored():
-        result = stage_fn(name)(cfg)
+    dog = watchdog.start(cfg, name)  # a rank that stops making progress is reported, then exit 75
+    try:
+        with process_globals_restored():
+            result = stage_fn(name)(cfg)
+    finally:
+        if dog:
+            dog.stop()
     log.info("%s: done in %.1fs", name, time.time() - t0)
     return result
 
@@ -59,3 +64,36 @@ def run_all(cfg: Config, stages: tuple[str, ...] = STAGES) -> dict[str, Any]:
 
     preflight.check(cfg, stages)  # the prompts of the last stage before the first one runs
     return {name: run_stage(name, cfg) for name in stages}
+
+
+def status(run_dir: str) -> tuple[str, int]:
+    """A run directory run on this machine (``medgen run`` or one stage at a time): what each stage left."""
+    from pathlib import Path
+
+    from medgen import provenance
+    from medgen.checkpoint import Checkpoints
+    from medgen.errors import UserError
+    from medgen.layout import RunLayout
+
+    layout = RunLayout(Path(run_dir))
+    if not layout.root.is_dir():
+        raise UserError(f"{run_dir}: no such run directory")
+    rows = []
+    manifest = layout.root / "data" / "manifest.json"  # data.shards' default; elsewhere it is the config's
+    rows.append(("prepare", "finished" if manifest.exists() else "-", str(manifest) if manifest.exists() else ""))
+    for stage in STAGES[1:]:
+        rec = provenance.read(layout, stage)
+        if layout.finished(stage):
+            resolved = (rec or {}).get("resolved", {})
+            what = f"step {resolved['adapter_step']}, " if stage == "train" and "adapter_step" in resolved else ""
+            rows.append((stage, "finished", f"{what}{(rec or {}).get('written', '')} {layout.marker(stage)}".strip()))
+        elif stage == "train" and (newest := Checkpoints(layout.checkpoints, 0).newest()):
+            rows.append((stage, "stopped", f"checkpoint {newest} (the next medgen train/run resumes from it)"))
+        else:
+            rows.append((stage, "-", ""))
+    found = [r for r in rows if r[1] != "-"]
+    if not found:
+        raise UserError(f"{run_dir}: nothing of a medgen run here (no prepared data, checkpoint or stage output)")
+    lines = [f"{run_dir}: run on this machine (no SLURM submission)", f"  {'stage':<9} {'state':<9} output"]
+    lines += [f"  {s:<9} {st:<9} {out}".rstrip() for s, st, out in rows]
+    return "\n".join(lines), 0

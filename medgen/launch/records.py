@@ -3,6 +3,7 @@ without SLURM or submitit: ``medgen status`` and a sweep's comparison report bot
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -34,3 +35,26 @@ def failed_log(logs: list[str]) -> str:
         except OSError:
             continue
     return logs[0]
+
+
+def error_line(log_path: str) -> str:
+    """The error a failed job's log ends with: the exception line of its last traceback, else its last ERROR
+    line ('' when neither is there). SLURM's exit code alone does not say it: submitit's wrapper exits with
+    its own code when the task it ran raised."""
+    try:
+        lines = Path(log_path).read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    starts = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent call last)")]
+    if starts:
+        after = (line for line in lines[starts[-1] + 1:] if line and not line[0].isspace())
+        found = next(after, "")
+        if found:
+            return found
+    errors = [line for line in lines if re.search(r"\bERROR\b", line)]
+    return errors[-1].strip() if errors else ""
+
+
+def log_cell(path: str) -> str:
+    """A log path for a status table, or why there is none (a stage cancelled before it started)."""
+    return path if Path(path).exists() else "(no log: never started)"

@@ -37,7 +37,7 @@ from medgen import atomic, config
 from medgen.config import Config, opt
 from medgen.config.schema import field_problems
 from medgen.errors import ConfigError, TryAgain, UserError
-from medgen.launch.records import failed_log, jobs_file, read_jobs
+from medgen.launch.records import error_line, failed_log, jobs_file, log_cell, read_jobs
 from medgen.logs import logging_for
 
 log = logging.getLogger("medgen")
@@ -89,6 +89,8 @@ class Profile:
     timeout_min: int = opt(60, "Time limit of each stage's job in minutes (slurm.timeout_min overrides).", ge=1)
     constraint: str = opt("", "Node features (--constraint), e.g. h100.")
     nodes: int = opt(1, "Nodes for train/evaluate/generate (slurm.nodes overrides).", ge=1)
+    min_nodes: int = opt(0, "Start train/evaluate/generate on as few as this many nodes when no more are free "
+                         "(sbatch --nodes=min-max; 0 = all of them; slurm.min_nodes overrides).", ge=0)
     array_parallelism: int = opt(4, "Sweeps: grid points running at once per stage (--array=...%k; "
                                  "slurm.array_parallelism overrides).", ge=1)
     sbatch: dict[str, Any] = opt({}, "Other sbatch options, e.g. {exclusive: true, mail-type: FAIL}.")
@@ -174,7 +176,9 @@ def stage_plan(stage: str, cfg: Config, prof: Profile) -> StagePlan:
         "stderr_to_stdout": True,  # one log per task
         # the job runs under the owner-only umask it was submitted with (its logs are private); the stage
         # itself writes its outputs under the submitting shell's umask (StageJob._run)
-        "setup": [*_pythonpath(), f"export MEDGEN_UMASK={current_umask():04o}", SKIP_OLD_STEP_IDS],
+        "setup": [*_pythonpath(), f"export MEDGEN_UMASK={current_umask():04o}", SKIP_OLD_STEP_IDS,
+                  # c10d's C++ warnings (rendezvous retries, IPv6 lookups) in every task's log; errors still show
+                  "export TORCH_CPP_LOG_LEVEL=${TORCH_CPP_LOG_LEVEL:-ERROR}"],
         # used only when the stage is submitted as an array (a sweep): %k in --array=0-(n-1)%k
         "array_parallelism": s.array_parallelism or prof.array_parallelism,
         # a task that dies kills its step; the others would otherwise wait in a collective until a timeout
@@ -189,6 +193,11 @@ def stage_plan(stage: str, cfg: Config, prof: Profile) -> StagePlan:
     for key in ("partition", "account", "qos", "constraint"):
         if getattr(prof, key):
             params[key] = getattr(prof, key)
+    least = (s.min_nodes or prof.min_nodes) if distributed else 0
+    if least > nodes:
+        raise UserError(f"slurm.min_nodes={least} is more than the {nodes} node(s) the {stage} stage asks for")
+    if 0 < least < nodes:  # a requeued stage that lost a node goes on with the nodes it gets (medgen/elastic.py)
+        params["additional_parameters"]["nodes"] = f"{least}-{nodes}"
     if distributed and prof.gpus_per_node:
         params["gpus_per_node"] = prof.gpus_per_node
     if prof.mem_gb:
@@ -438,14 +447,17 @@ def status(run_dir: str) -> tuple[str, int]:
     failed, cancelled = None, []
     for name, s in stages.items():
         state, code, elapsed = states.get(s["job_id"], ("UNKNOWN", "", ""))
-        lines.append(f"  {name:<9} {s['job_id']:<8} {state:<13} {elapsed or '-':<10} {s['logs'][0]}")
+        lines.append(f"  {name:<9} {s['job_id']:<8} {state:<13} {elapsed or '-':<10} {log_cell(s['logs'][0])}")
         if state in FAILED and failed is None:
             failed = (name, state, code, failed_log(s["logs"]))
         elif state == "CANCELLED":
             cancelled.append(name)
     if failed:
         name, state, code, log_path = failed
-        lines.append(f"stage {name} failed ({state}, exit code {code}): see {log_path}")
+        error = error_line(log_path)
+        lines.append(f"stage {name} failed ({state}, SLURM exit code {code}): see {log_path}")
+        if error:
+            lines.append(f"  {error}")
     if cancelled:
         why = "their dependency failed" if failed else "scancel"
         lines.append(f"cancelled: {', '.join(cancelled)} ({why})")
@@ -471,9 +483,11 @@ class StageJob(submitit.helpers.Checkpointable):
 
         shell = os.environ.get("MEDGEN_UMASK")  # set by the job script (stage_plan)
         private = os.umask(int(shell, 8)) if shell else current_umask()
-        dist.from_slurm(self.stage in DISTRIBUTED)
+        from medgen import watchdog
+
         log.info("%s: medgen %s from %s", self.stage, medgen.__version__, Path(medgen.__file__).parent)
         cfg = config.load_config(config_path, list(overrides))
+        dist.from_slurm(self.stage in DISTRIBUTED, watchdog.pg_timeout(cfg.run))
         if self.stage in DISTRIBUTED:
             where = dist.record_placement(cfg.run.dir, self.stage)
             log.info("rank %d of %d on %s (%s), %s%s", where["rank"], where["world_size"], where["host"],

@@ -252,7 +252,9 @@ def _slurm_status(sweep_dir: str, manifest: dict, info: dict) -> tuple[str, int]
             state, code, _ = _state_of(stages[s], p["index"], states)
             if state in slurm.FAILED:
                 log_path = records.failed_log(stages[s]["logs"][p["index"]])
-                lines.append(f"point {p['name']}: {s} failed ({state}, exit code {code}): see {log_path}")
+                lines.append(f"point {p['name']}: {s} failed ({state}, SLURM exit code {code}): see {log_path}")
+                if error := records.error_line(log_path):
+                    lines.append(f"  {error}")
                 bad += 1
             elif state == "CANCELLED":
                 bad += 1
