@@ -58,19 +58,19 @@ def _load(d: Path):
     return metrics, rows
 
 
-def _assert_close(a, b, path=""):
-    """Equal structure; floats within REL; everything else identical."""
+def _assert_close(a, b, path="", rel=REL):
+    """Equal structure; floats within ``rel``; everything else identical."""
     if isinstance(a, dict):
         assert a.keys() == b.keys(), path
         for k in a:
             if k not in VOLATILE:
-                _assert_close(a[k], b[k], f"{path}.{k}")
+                _assert_close(a[k], b[k], f"{path}.{k}", rel)
     elif isinstance(a, list):
         assert len(a) == len(b), path
         for i, (x, y) in enumerate(zip(a, b)):
-            _assert_close(x, y, f"{path}[{i}]")
+            _assert_close(x, y, f"{path}[{i}]", rel)
     elif isinstance(a, float):
-        assert a == pytest.approx(b, rel=REL), path
+        assert a == pytest.approx(b, rel=rel), path
     else:
         assert a == b, path
 
@@ -160,8 +160,10 @@ def test_tuned_model_scored_merged_gives_the_unmerged_numbers(evals):
     assert unmerged["tuned"]["adapter_merged"] is False and unmerged["tuned"]["merge_difference"] is None
     for key in ("adapter_merged", "merge_difference"):
         del merged["tuned"][key], unmerged["tuned"][key]
-    _assert_close(merged, unmerged)
-    _assert_close(rows_merged, rows_unmerged)
+    # merged weights round differently: perplexities agree to ~1e-8, differences of them (delta: tuned - base,
+    # ~580 at a perplexity of ~50,000 for this random model) to ~1e-6; 1e-5 bounds both with room
+    _assert_close(merged, unmerged, rel=1e-5)
+    _assert_close(rows_merged, rows_unmerged, rel=1e-5)
     assert merged["tuned"]["perplexity"] != merged["base"]["perplexity"]
 
 

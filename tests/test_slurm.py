@@ -297,17 +297,25 @@ def test_a_lost_node_fails_the_job_which_is_requeued_and_resumes_exactly(pipelin
     assert t_fail - t_crash < 120
 
 
+def _wait_for_idle_nodes(n: int, timeout: float = 600) -> None:
+    deadline = time.time() + timeout
+    while subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True).stdout.split().count(
+            "idle") < n:
+        assert time.time() < deadline, "the cluster's nodes stayed busy"
+        time.sleep(1)
+
+
 HANG = ["run.hang_timeout=20", "run.start_timeout=60", "data.retry_seconds=5"]  # the watchdog, lowered
 
 
 def _stop_rank(run: Path, stage: str, rank: int, when=lambda: True, timeout: float = 600) -> dict:
-    """SIGSTOP the process of ``rank`` (on its node; the cluster's nodes share this machine's PIDs) once it has
-    recorded where it runs and ``when()`` holds: a frozen rank, which neither exits nor logs."""
-    placement, deadline = run / "ranks" / f"{stage}-rank-{rank:05d}.json", time.time() + timeout
-    while not (placement.exists() and when()):
+    """SIGSTOP the process of ``rank`` (on its node; the cluster's nodes share this machine's PIDs) once its
+    stage has started (its first heartbeat) and ``when()`` holds: a frozen rank, which neither exits nor logs."""
+    beat, deadline = run / "ranks" / f"heartbeat-{stage}-rank-{rank:05d}.json", time.time() + timeout
+    while not (beat.exists() and when()):
         assert time.time() < deadline, f"{stage} rank {rank} never started"
         time.sleep(0.05)
-    where = json.loads(placement.read_text())
+    where = json.loads(beat.read_text())
     os.kill(where["pid"], signal.SIGSTOP)
     return where
 
@@ -370,11 +378,24 @@ def test_a_stopped_rank_in_evaluate_or_generate_is_requeued_and_the_output_exact
 def test_a_job_that_lost_a_node_goes_on_with_the_one_it_has(pipelines, tmp_path):
     """slurm.min_nodes=1: the requeued training starts on node 1 alone while node 2 stays down, keeps its data
     order and global batch (medgen/elastic.py), and ends with the uninterrupted run's adapter."""
-    run, reference = tmp_path / "elastic", pipelines["slurm"]
-    medgen("run", "--executor", "slurm", *COMMON, f"run.dir={run}", f"data.shards={reference / 'data'}",
-           "slurm.stages=[train]", "train.save_steps=2", "slurm.min_nodes=1")
-    script = next(Path(_jobs(run)["folder"]).rglob("*_submission.sh")).read_text()
-    assert "#SBATCH --nodes=1-2" in script
+    reference = pipelines["slurm"]
+    for attempt in range(3):  # --nodes=1-2 starts on one node when the other is busy (another test's job)
+        run = tmp_path / f"elastic-{attempt}"
+        medgen("run", "--executor", "slurm", *COMMON, f"run.dir={run}", f"data.shards={reference / 'data'}",
+               "slurm.stages=[train]", "train.save_steps=2", "slurm.min_nodes=1")
+        script = next(Path(_jobs(run)["folder"]).rglob("*_submission.sh")).read_text()
+        assert "#SBATCH --nodes=1-2" in script
+        placement, deadline = run / "ranks" / "train-rank-00000.json", time.time() + 600
+        while not placement.exists():
+            assert time.time() < deadline, "training never started"
+            time.sleep(0.1)
+        if json.loads(placement.read_text())["world_size"] == 2:
+            break
+        subprocess.run(["scancel", _jobs(run)["stages"]["train"]["job_id"]], check=True)
+        _wait(run)
+        _wait_for_idle_nodes(2)
+    else:
+        pytest.fail("the cluster never had two free nodes for the job")
     deadline = time.time() + 600
     while not list((run / "checkpoints").glob("step-*")):
         assert time.time() < deadline, "no checkpoint was committed"

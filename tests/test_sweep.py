@@ -193,7 +193,8 @@ def test_the_best_point_is_chosen_on_validation_and_reported_on_test(tmp_path):
     """A grid of seeds whose validation-best and test-best points differ (checked here from the points' own files):
     the comparison names the validation-best, says so, and still reports every point's test perplexity."""
     run = tmp_path / "seeds"
-    medgen("sweep", *BASE, f"run.dir={run}", "--grid", "train.seed=1,2,3,4")
+    # one data stream: the sample order under which these four seeds were found to disagree
+    medgen("sweep", *BASE, f"run.dir={run}", "train.data_streams=1", "--grid", "train.seed=1,2,3,4")
     res = json.loads((run / "report" / "compare.json").read_text())
     names = [f"train.seed={i}" for i in (1, 2, 3, 4)]
     val = {n: json.loads((run / n / "adapter" / "medgen_config.json").read_text())["resolved"]["validation"]
@@ -257,9 +258,12 @@ def test_slurm_sweep_runs_job_arrays_and_reports_the_failed_element(slurm_cluste
     status = medgen("status", str(run), check=False)
     failed_log = stages["train"]["logs"][FAILING][0]
     assert status.returncode == 1
-    assert f"point {_name(FAILING)}: train failed (FAILED, exit code 1:0): see {failed_log}" in status.stdout
-    assert "get_polynomial_decay_schedule_with_warmup() got an unexpected keyword argument 'num_cycles'" \
-        in Path(failed_log).read_text()
+    assert f"point {_name(FAILING)}: train failed (FAILED, SLURM exit code 1:0): see {failed_log}" in status.stdout
+    cause = "get_polynomial_decay_schedule_with_warmup() got an unexpected keyword argument 'num_cycles'"
+    assert cause in Path(failed_log).read_text()
+    lines = status.stdout.splitlines()
+    shown = lines[next(i for i, x in enumerate(lines) if x.startswith(f"point {_name(FAILING)}: train failed")) + 1]
+    assert cause in shown  # the error under the failed point, not only in its log
     res = json.loads((run / "report" / "compare.json").read_text())
     assert next(r for r in res["points"] if r["status"] == "failed")["log"] == failed_log
     assert failed_log in (run / "report" / "compare.md").read_text()

@@ -41,8 +41,8 @@ def error_line(log_path: str) -> str:
     """The error a failed job's log ends with: the exception line of its last traceback, else its last ERROR
     line ('' when neither is there). SLURM's exit code alone does not say it: submitit's wrapper exits with
     its own code when the task it ran raised."""
-    try:
-        lines = Path(log_path).read_text(errors="replace").splitlines()
+    try:  # torch's launcher prefixes a rank's error output with "[rank0]: "
+        lines = [re.sub(r"^\[rank\d+\]:\s?", "", line) for line in Path(log_path).read_text(errors="replace").splitlines()]
     except OSError:
         return ""
     starts = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent call last)")]

@@ -197,7 +197,12 @@ def stage_plan(stage: str, cfg: Config, prof: Profile) -> StagePlan:
     if least > nodes:
         raise UserError(f"slurm.min_nodes={least} is more than the {nodes} node(s) the {stage} stage asks for")
     if 0 < least < nodes:  # a requeued stage that lost a node goes on with the nodes it gets (medgen/elastic.py)
-        params["additional_parameters"]["nodes"] = f"{least}-{nodes}"
+        # SLURM sets a job's task count from --ntasks-per-node x the range's minimum, and then allocates that
+        # minimum: so the tasks per node go to srun (one step over every node allocated), and sbatch asks for
+        # the CPUs those tasks need on each node (sbatch_text drops --ntasks-per-node from the header)
+        params["additional_parameters"].update(nodes=f"{least}-{nodes}", mincpus=per_node * prof.cpus_per_task)
+        params["srun_args"] = [*params["srun_args"], f"--ntasks-per-node={per_node}",
+                               f"--cpus-per-task={prof.cpus_per_task}"]
     if distributed and prof.gpus_per_node:
         params["gpus_per_node"] = prof.gpus_per_node
     if prof.mem_gb:
@@ -281,10 +286,26 @@ def scripts(cfg: Config) -> list[tuple[str, str]]:
 
 
 def script(p: StagePlan, folder: Path, **extra: Any) -> str:
-    """The stage's sbatch script as submitit's SlurmExecutor writes it."""
+    """The stage's sbatch script as Executor writes it."""
+    return sbatch_text(_command(folder), folder, {**p.params, **extra})
+
+
+def sbatch_text(command: str, folder: Path, params: dict[str, Any]) -> str:
+    """submitit's sbatch script, without ``--ntasks-per-node`` when the nodes are a range (stage_plan)."""
     from submitit.slurm.slurm import _make_sbatch_string
 
-    return _make_sbatch_string(command=_command(folder), folder=folder, **p.params, **extra)
+    text = _make_sbatch_string(command=command, folder=folder, **params)
+    if "-" in str(params.get("additional_parameters", {}).get("nodes", "")):
+        text = "".join(line for line in text.splitlines(keepends=True)
+                       if not line.startswith("#SBATCH --ntasks-per-node="))
+    return text
+
+
+class Executor(submitit.SlurmExecutor):
+    """submitit's SlurmExecutor, writing its scripts with ``sbatch_text``."""
+
+    def _make_submission_file_text(self, command: str, uid: str) -> str:
+        return sbatch_text(command, self.folder, self.parameters)
 
 
 def job_callable(stage: str) -> StageJob:
@@ -367,7 +388,7 @@ def submission_env() -> Iterator[None]:
 
 
 def _submit_one(p: StagePlan, folder: Path, done: dict[str, Any], max_requeues: int, config_path: str):
-    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=max_requeues)
+    executor = Executor(folder=folder, max_num_timeout=max_requeues)
     dep = {"dependency": "afterok:" + list(done.values())[-1]["job_id"]} if done else {}
     executor.update_parameters(**p.params, **dep)
     return executor.submit(job_callable(p.stage), config_path, [])

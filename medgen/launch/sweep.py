@@ -136,7 +136,7 @@ def _is_array(p: slurm.StagePlan, n: int) -> bool:
 
 def _submit_stage(p: slurm.StagePlan, folder: Path, done: dict[str, Any], max_requeues: int, base_path: str,
                   point_paths: list[str]) -> dict[str, Any]:
-    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=max_requeues)
+    executor = slurm.Executor(folder=folder, max_num_timeout=max_requeues)
     executor.update_parameters(**p.params, **_dependency(p, {k: s["job_id"] for k, s in done.items()},
                                                          len(point_paths)))
     fn = slurm.job_callable(p.stage)
