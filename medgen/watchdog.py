@@ -90,8 +90,11 @@ class Watchdog:
 
     def start(self) -> Watchdog:
         global _current
-        self.layout.ranks.mkdir(parents=True, exist_ok=True)
-        self._beat()
+        try:  # a heartbeat that cannot be written (a full disk) must not stop the stage: its own writes report it
+            self.layout.ranks.mkdir(parents=True, exist_ok=True)
+            self._beat()
+        except OSError as e:
+            log.warning("watchdog: cannot write the heartbeat of rank %d (%s); other ranks will not see it", self.rank, e)
         _current = self
         self._thread.start()
         return self
