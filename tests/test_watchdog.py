@@ -4,6 +4,7 @@ import json
 import threading
 import time
 
+from medgen import atomic
 from medgen.layout import RunLayout
 from medgen.watchdog import FAILED, TRY_AGAIN, Watchdog, describe
 
@@ -11,7 +12,8 @@ from medgen.watchdog import FAILED, TRY_AGAIN, Watchdog, describe
 def _other_rank(layout: RunLayout, rank: int, progress_age: float, beat_age: float, step: int = 4) -> None:
     now = time.time()
     layout.ranks.mkdir(parents=True, exist_ok=True)
-    layout.heartbeat("train", rank).write_text(json.dumps({
+    # written as the watchdog writes heartbeats: whole, by a rename (a reader never sees half a file)
+    atomic.write_text(str(layout.heartbeat("train", rank)), json.dumps({
         "rank": rank, "world_size": 2, "host": "node2", "pid": 4242, "phase": "step", "step": step,
         "progress_time": now - progress_age, "beat_time": now - beat_age}))
 
@@ -55,8 +57,8 @@ def test_a_rank_that_still_progresses_is_not_a_hang(tmp_path):
 
     worker = threading.Thread(target=busy)
     worker.start()
-    dog, hangs = _watch(layout)
-    time.sleep(3)  # well past the 0.8 s timeout
+    dog, hangs = _watch(layout, timeout=1.5)
+    time.sleep(5)  # well past the timeout
     dog.stop()
     stop.set()
     worker.join()
