@@ -163,11 +163,7 @@ def main(argv=None) -> int:
         values["medgen"], t = timed(lambda: medgen_score(model, articles, sep, c, s, args.batch_size, device), device)
         runs["medgen"].append(t)
     loadavg.append(os.getloadavg()[0])
-    report = summarise(args, articles, values, runs, machine(device), loadavg)
-    print(report)
-    if not args.no_record:
-        with open(args.results, "a") as f:
-            f.write(report + "\n")
+    _publish(args, summarise(args, articles, values, runs, machine(device), loadavg))
     return 0 if report_ok(values) else 1
 
 
@@ -213,12 +209,9 @@ def tuned_vs_base(args, articles, tok, device) -> int:
             runs[k].append(t)
     loadavg.append(os.getloadavg()[0])
     tokens = values["base"][1]
-    ppl = {k: math.exp(v[0] / v[1]) for k, v in values.items()}
-    best = {k: min(t[0] for t in v) for k, v in runs.items()}
-    best_cpu = {k: min(t[1] for t in v) for k, v in runs.items()}
+    ppl, best, best_cpu, cmd = _outcome(values, runs)
     rel = abs(ppl["tuned, merged"] - ppl["tuned, not merged"]) / ppl["tuned, not merged"]
     ratio = best["base"] / best["tuned, merged"]
-    cmd = "python bench/bench_eval.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     lines = [
         f"## bench_eval --tuned — {datetime.date.today().isoformat()}",
         "",
@@ -240,12 +233,24 @@ def tuned_vs_base(args, articles, tok, device) -> int:
         f"unmerged, as before: {best['base'] / best['tuned, not merged']:.3f}x.",
         "",
     ]
-    report = "\n".join(lines)
+    _publish(args, "\n".join(lines))
+    return 0 if merged and rel < 1e-5 else 1
+
+
+def _outcome(values, runs) -> tuple[dict, dict, dict, str]:
+    """Perplexity per side, its best wall and CPU seconds, and the command that measured them."""
+    ppl = {k: math.exp(v[0] / v[1]) for k, v in values.items()}
+    best = {k: min(t[0] for t in v) for k, v in runs.items()}
+    best_cpu = {k: min(t[1] for t in v) for k, v in runs.items()}
+    cmd = "python bench/bench_eval.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    return ppl, best, best_cpu, cmd
+
+
+def _publish(args, report: str) -> None:
     print(report)
     if not args.no_record:
         with open(args.results, "a") as f:
             f.write(report + "\n")
-    return 0 if merged and rel < 1e-5 else 1
 
 
 def report_ok(values) -> bool:
@@ -255,12 +260,9 @@ def report_ok(values) -> bool:
 
 def summarise(args, articles, values, runs, where: str, load: list[float]) -> str:
     tokens = values["medgen"][1]
-    ppl = {k: math.exp(v[0] / v[1]) for k, v in values.items()}
-    best = {k: min(t[0] for t in v) for k, v in runs.items()}
-    best_cpu = {k: min(t[1] for t in v) for k, v in runs.items()}
+    ppl, best, best_cpu, cmd = _outcome(values, runs)
     tps = {k: tokens / best[k] for k in best}
     rel = abs(ppl["medgen"] - ppl["guide"]) / ppl["guide"]
-    cmd = "python bench/bench_eval.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     lines = [
         f"## bench_eval — {datetime.date.today().isoformat()}",
         "",
