@@ -56,6 +56,11 @@ class RunLayout:
     def tensorboard(self) -> Path:
         return self.root / "tensorboard"
 
+    @property
+    def tracking(self) -> Path:
+        """The ids of this run's MLflow / W&B runs, which every stage, resume and requeue reopens (medgen/tracking.py)."""
+        return self.root / "tracking.json"
+
     # evaluate
     @property
     def eval(self) -> Path:
@@ -157,3 +162,8 @@ class SweepLayout:
     @property
     def jobs_file(self) -> Path:
         return RunLayout(self.root).jobs_file
+
+    @property
+    def tracking(self) -> Path:
+        """The sweep's MLflow parent run (medgen/tracking.py)."""
+        return self.root / "tracking.json"

@@ -13,8 +13,9 @@ from typing import Iterator
 # headers, the access key among them, at debug level).
 SECRET_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN",
                     "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "GOOGLE_APPLICATION_CREDENTIALS",
-                    "AZURE_STORAGE_KEY", "AZURE_STORAGE_SAS_TOKEN", "AZURE_STORAGE_CONNECTION_STRING")
-NOISY = ("transformers", "datasets", "accelerate", "peft", "trl", "DeepSpeed", "torch.distributed")
+                    "AZURE_STORAGE_KEY", "AZURE_STORAGE_SAS_TOKEN", "AZURE_STORAGE_CONNECTION_STRING",
+                    "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "DATABRICKS_TOKEN", "WANDB_API_KEY")
+NOISY = ("transformers", "datasets", "accelerate", "peft", "trl", "DeepSpeed", "torch.distributed", "mlflow", "wandb", "alembic")
 
 
 class RedactSecrets(logging.Filter):

@@ -32,9 +32,17 @@ def check(cfg: Config, stages: Iterable[str], stores: bool = True) -> None:
         problems += _dataset(cfg)
     if "generate" in stages:
         problems += _prompts(cfg)
-    problems += adapter_problems(cfg, stages)
+    problems += adapter_problems(cfg, stages) + tracker_problems(cfg)
     if problems:
         raise InputError(problems)
+
+
+def tracker_problems(cfg: Config) -> list[str]:
+    """A tracker asked for whose library is not installed (medgen/tracking.py imports it only then)."""
+    import importlib.util
+
+    return [f"tracking.to: {t} is not installed here: pip install 'medgen[tracking]' (or pip install {t})"
+            for t in cfg.tracking.to if importlib.util.find_spec(t) is None]
 
 
 def adapter_problems(cfg: Config, stages: Iterable[str]) -> list[str]:

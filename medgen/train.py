@@ -25,7 +25,7 @@ import torch
 from transformers import TrainerCallback
 from trl import SFTTrainer
 
-from medgen import atomic, dist, elastic, models, provenance, throughput, train_args, validate, watchdog
+from medgen import atomic, dist, elastic, models, provenance, throughput, tracking, train_args, validate, watchdog
 from medgen.checkpoint import Checkpoints
 from medgen.config import Config
 from medgen.data import shards, storage
@@ -235,6 +235,7 @@ class TrainLog(TrainerCallback):
             rec["peak_memory_gb_per_rank"] = [round(m, 3) for m in self.speed.memory_per_rank]
         with open(self.layout.train_log, "a") as f:
             f.write(json.dumps(rec) + "\n")
+        tracking.log_step(rec)  # the same numbers to MLflow / W&B, where configured
 
 
 # --------------------------------------------------------------------------- logs on resume

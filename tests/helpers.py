@@ -114,6 +114,42 @@ def start_moto(host: str, env: dict | None = None) -> tuple[subprocess.Popen, st
     raise RuntimeError(f"moto_server did not start on {endpoint}")
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def start_mlflow(folder: Path, host: str = "127.0.0.1") -> tuple[subprocess.Popen, str]:
+    """A real MLflow tracking server on ``host`` (a free port) with its SQLite store and artifacts in
+    ``folder``, and its URI once /health answers (the first start creates the database: ~10 s)."""
+    no_services_in_the_fast_tier("the MLflow server")
+    import time
+    import urllib.request
+
+    exe = Path(sys.executable).with_name("mlflow")
+    if not exe.exists():
+        raise RuntimeError("mlflow is not installed: run `make install`")
+    port = free_port(host)
+    folder.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen([str(exe), "server", "--host", host, "--port", str(port), "--workers", "1",
+                             "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
+                             "--artifacts-destination", str(folder / "artifacts")],
+                            stdout=open(folder / "server.log", "w"), stderr=subprocess.STDOUT)
+    uri = f"http://{host}:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            urllib.request.urlopen(f"{uri}/health", timeout=1)
+            return proc, uri
+        except OSError:
+            time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError(f"the MLflow server did not start on {uri}: {(folder / 'server.log').read_text()[-2000:]}")
+
+
 def _slurm_conf(env_sh: Path) -> str:
     """SLURM_CONF as `source env.sh` sets it ('' before the cluster was ever brought up)."""
     if not env_sh.exists():

@@ -328,6 +328,30 @@ class SweepConfig:
 
 
 @dataclass
+class TrackingConfig:
+    to: list[str] = opt([], "Experiment trackers beside TensorBoard (always on): any of mlflow, wandb. Rank 0 reports "
+                        "config, curves, metrics and outputs; a resumed or requeued run continues its own tracker run "
+                        "(<run.dir>/tracking.json). Needs pip install 'medgen[tracking]' (docs/tracking.md).")
+    experiment: str = opt("medgen", "MLflow experiment / W&B project.", nonempty=True)
+    mlflow_uri: str = opt("", "MLflow tracking URI; '' = $MLFLOW_TRACKING_URI, else sqlite:///<run.dir>/../mlflow.db "
+                          "(runs of one folder, a sweep's points, share it). A server: http://login-node:5000.")
+    wandb_mode: Literal["offline", "online"] = opt(
+        "offline", "offline: W&B writes <run.dir>/wandb and never touches the network; `wandb sync` uploads it later. "
+        "online needs a network on the compute nodes and WANDB_API_KEY in the environment.")
+    wandb_entity: str = opt("", "W&B entity (user or team); '' = your API key's default.")
+    artifacts: bool = opt(True, "Also upload the stages' outputs: resolved configs, metrics.json, generations, report.")
+
+    def problems(self) -> list[str]:
+        unknown = [x for x in self.to if x not in ("mlflow", "wandb")]
+        if unknown:
+            return [f"tracking.to: unknown tracker(s) {', '.join(map(str, unknown))} (known: mlflow, wandb; "
+                    "TensorBoard is always on)"]
+        if len(set(self.to)) != len(self.to):
+            return ["tracking.to: list each tracker once"]
+        return []
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -338,6 +362,7 @@ class Config:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     @property
     def layout(self) -> RunLayout:

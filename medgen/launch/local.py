@@ -21,14 +21,14 @@ def stage_fn(name: str) -> Callable[[Config], Any]:
 
 
 def run_stage(name: str, cfg: Config) -> Any:
-    from medgen import preflight, watchdog
+    from medgen import preflight, tracking, watchdog
 
     preflight.check(cfg, (name,))  # before the stage's module is even imported
     t0 = time.time()
     log.info("%s: start", name)
     dog = watchdog.start(cfg, name)  # a rank that stops making progress is reported, then exit 75
     try:
-        with process_globals_restored():
+        with process_globals_restored(), tracking.stage(cfg, name):  # MLflow / W&B, where configured (rank 0)
             result = stage_fn(name)(cfg)
     finally:
         if dog:

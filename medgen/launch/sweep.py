@@ -17,7 +17,7 @@ from typing import Any
 
 import submitit
 
-from medgen import atomic, config, sweep
+from medgen import atomic, config, sweep, tracking
 from medgen.config import Config
 from medgen.errors import UserError
 from medgen.launch import local, records, slurm
@@ -33,6 +33,7 @@ def run_local(base: Config) -> dict[str, Any]:
     """prepare once, every point's stages in turn (a failing point is recorded and the next one runs), compare."""
     pts = sweep.points(base)
     sweep.write_manifest(base, pts)
+    tracking.open_sweep(base, sweep.flat_grid(base.sweep.grid))  # the points' parent run, where MLflow is on
     local.run_stage("prepare", base)
     outcome: dict[str, dict[str, Any]] = {}
     for p in pts:
@@ -115,6 +116,7 @@ def submit(base: Config) -> dict[str, Any]:
         submitted = time.strftime("%Y-%m-%dT%H:%M:%S")
         base_path, point_paths = _snapshots(base, pts, folder)
         sweep.write_manifest(base, pts)
+        tracking.open_sweep(base, sweep.flat_grid(base.sweep.grid))
         for p in plans:
             try:
                 jobs[p.stage] = _submit_stage(p, folder, jobs, base.slurm.max_requeues, base_path, point_paths)
