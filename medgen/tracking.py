@@ -150,15 +150,18 @@ class Session:
         atomic.write_text(self.layout.tracking, json.dumps(self.record, indent=2, sort_keys=True))
 
     def _guard(self, tracker, fn, *args) -> bool:
-        """A tracker's failure while the stage runs is a warning (once per tracker), not the stage's end."""
+        """A tracker's failure while the stage runs is one warning and the tracker is left alone for the rest
+        of the stage (a server gone would otherwise cost its client's retries at every step), not the stage's
+        end."""
+        if tracker.broken:
+            return False
         try:
             fn(*args)
             return True
         except Exception as e:  # a server gone, a full disk, a library's own error: the stage's work goes on
-            if not tracker.warned:
-                tracker.warned = True
-                log.warning("tracking: %s failed (%s: %s); the stage goes on without it (train_log.jsonl and "
-                            "metrics.json stay complete)", tracker.kind, type(e).__name__, str(e).splitlines()[0][:300])
+            tracker.broken = True
+            log.warning("tracking: %s failed (%s: %s); this stage goes on without it (train_log.jsonl and "
+                        "metrics.json stay complete)", tracker.kind, type(e).__name__, str(e).splitlines()[0][:300])
             return False
 
 
@@ -186,6 +189,22 @@ def shown(uri: str) -> str:
         return uri
     host = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
     return urllib.parse.urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+
+
+def _answers(uri: str, timeout: float = 10.0) -> None:
+    """A tracking server's /health answered, in seconds: MLflow's own client retries a server that does not
+    answer for minutes before it gives up."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout)
+    except urllib.error.HTTPError:
+        return  # it answered (a proxy or authentication in front of it may refuse /health)
+    except OSError as e:
+        raise ConnectionError(f"no answer from {shown(uri)}/health within {timeout:g} s ({e})") from None
 
 
 def _mlflow_client(uri: str):
@@ -216,8 +235,9 @@ class MLflowRun:
 
     def __init__(self, cfg: Config, record: dict | None, point: dict | None):
         self.uri = mlflow_uri(cfg)
-        self.warned = False
+        self.broken = False
         try:
+            _answers(self.uri)
             self.client = _mlflow_client(self.uri)
             if record and record.get("run_id") and record.get("tracking_uri") == shown(self.uri):
                 self.run_id = record["run_id"]
@@ -291,7 +311,7 @@ class WandbRun:
         os.environ["WANDB_MODE"] = t.wandb_mode
         import wandb
 
-        self.warned = False
+        self.broken = False
         # W&B offline cannot be asked what the run holds: the last step of each key is kept in tracking.json
         self.before: dict[str, int] = dict((record or {}).get("last_step", {}))
         self.steps = dict(self.before)

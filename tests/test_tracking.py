@@ -228,3 +228,17 @@ def test_wandb_offline_resumes_the_same_run_and_never_touches_the_network(tmp_pa
         held = sorted((r["_step"], float(r[key])) for r in rows if key in r)
         assert held == expected[key], key
     assert [s for s, _ in expected["loss"]] == list(range(1, 9))
+
+
+@pytest.mark.slow
+def test_a_tracking_server_that_does_not_answer_stops_the_stage_in_one_line_before_any_work(tmp_path, shards):
+    from tests.helpers import free_port
+
+    uri = f"http://127.0.0.1:{free_port()}"
+    t0 = time.time()
+    proc = medgen("train", *TINY, f"run.dir={tmp_path / 'run'}", f"data.shards={shards}", "tracking.to=[mlflow]",
+                  f"tracking.mlflow_uri={uri}", check=False)
+    assert proc.returncode != 0 and time.time() - t0 < 120
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("medgen: error: tracking: cannot open an MLflow run in " + uri), proc.stderr[-2000:]
+    assert not (tmp_path / "run" / "checkpoints").exists()
