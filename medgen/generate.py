@@ -455,8 +455,9 @@ def _check_prompts(items: list[dict[str, Any]], done: dict[Key, str]) -> None:
         rec = json.loads(line)
         changed = [k for k in ("prompt", *OWN_SETTINGS) if k in it and rec.get(k) != it[k]]
         if changed:
-            raise UserError(f"generate: {' and '.join(changed)} of {it['id']!r} changed since its completion was "
-                            "written; give it a new id, or use another run.dir")
+            what = "prompt" if "prompt" in changed else f"the settings ({', '.join(changed)}) of"
+            raise UserError(f"generate: {what} {it['id']!r} changed since its completion was written; give it a "
+                            "new id, or use another run.dir")
 
 
 def _check_job(out_dir: Path, out: OutputSet) -> None:

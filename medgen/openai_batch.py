@@ -194,9 +194,10 @@ def _text(content: Any, where: str) -> str:
     """A message's text: a string, or a list of text parts joined (OpenAI's two forms); anything else is an error."""
     if isinstance(content, str):
         return content
-    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                                         for p in content):
-        return "".join(p["text"] for p in content)
+    parts = content if isinstance(content, list) else None
+    if parts is not None and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                                 for p in parts):
+        return "".join(p["text"] for p in parts)
     raise LineError(f"{where}.content: must be a string or a list of text parts (images, audio etc. are not "
                     "supported)", "messages")
 
@@ -315,8 +316,7 @@ def output_line(r: Request, records: list[dict[str, Any]], header: dict[str, Any
         "created": min(_unix(rec["created"]) for rec in records), "model": first["model"], "choices": choices,
         "usage": {"prompt_tokens": first["prompt_tokens"], "completion_tokens": used,
                   "total_tokens": first["prompt_tokens"] + used},
-        "metadata": {"model_fingerprint": first["model_fingerprint"], "adapter_fingerprint": first["adapter_fingerprint"],
-                     "params": first["params"], "seed": first["seed"], "prompt": first["prompt"],
+        "metadata": {**{k: first[k] for k in ("model_fingerprint", "adapter_fingerprint", "params", "seed", "prompt")},
                      "finish_reasons": [rec["finish_reason"] for rec in records]},
     }
     return {"id": f"batch_req_{h}", "custom_id": r.custom_id,

@@ -132,7 +132,8 @@ def test_batch_lines_parse_and_each_bad_line_is_its_own_error(tmp_path):
     assert set(errors) == {"bad-field"} | {x["custom_id"] for x in bad}
     for cid, needle in (("bad-field", "body.logprobs: medgen does not support it"), ("wrong-url", "url: medgen serves"),
                         ("wrong-method", 'method: must be "POST" (got "GET")'), ("extra", "header: not a field"),
-                        ("list-prompt", "one string per request"), ("hot", "body.temperature: must be a number in [0, 2]"),
+                        ("list-prompt", "one string per request"),
+                        ("hot", "body.temperature: must be a number in [0, 2]"),
                         ("five-stops", "body.stop"), ("empty-stop", "body.stop"),
                         ("unknown", "body.suffix_magic: not a field medgen reads for /v1/completions"),
                         ("no-messages", "body.messages: missing"), ("image", "list of text parts"),
@@ -157,7 +158,8 @@ def test_medgen_format_refuses_a_batch_file_with_a_bad_line(tmp_path):
     proc = medgen("generate", "--config", "configs/tiny.yaml", f"run.dir={tmp_path / 'run'}", "model.base_only=true",
                   f"generate.prompts={path}", "--quiet", check=False)
     assert proc.returncode == 2
-    assert f"{path}:4: custom_id 'bad-field': body.logprobs" in proc.stderr and "generate.format=openai-batch" in proc.stderr
+    assert f"{path}:4: custom_id 'bad-field': body.logprobs" in proc.stderr
+    assert "generate.format=openai-batch" in proc.stderr
     assert not (tmp_path / "run" / "generations").exists()
 
 
@@ -170,7 +172,8 @@ def test_line_settings_map_onto_medgen_settings_and_seeds(tmp_path):
     cfg.generate.format = "openai-batch"  # the file has an error line, which medgen's own format refuses
     items = generate.batch_items(cfg, reqs, "b.jsonl")
     by_id = {r.custom_id: r for r in reqs}
-    assert by_id["chat-1"].prompt == "system: You write short posts.\nuser: Three habits of good code reviewers\nassistant:"
+    assert by_id["chat-1"].prompt == ("system: You write short posts.\nuser: Three habits of good code reviewers\n"
+                                      "assistant:")
     assert by_id["stop-str"].config.stop == [" "] and by_id["stop-list"].config.stop == ["zzzz", "qqqq"]
     assert by_id["defaults"].config.max_new_tokens == 8 and not by_id["defaults"].config.do_sample
     assert len(items) == 8  # 7 valid lines, 'sampled' twice
@@ -222,7 +225,8 @@ def test_batch_output_round_trips_and_greedy_equals_medgen_format(tmp_path, run_
         assert [c["index"] for c in body["choices"]] == list(range(n))
         assert all(c["finish_reason"] in ("stop", "length") for c in body["choices"])
         texts = [c["message"]["content"] if chat_line else c["text"] for c in body["choices"]]
-        assert all(c["message"]["role"] == "assistant" for c in body["choices"]) if chat_line else True
+        if chat_line:
+            assert all(c["message"]["role"] == "assistant" for c in body["choices"])
         u = body["usage"]
         assert u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"] and u["completion_tokens"] <= \
             n * line["body"].get("max_tokens", line["body"].get("max_completion_tokens", 8))
@@ -230,7 +234,8 @@ def test_batch_output_round_trips_and_greedy_equals_medgen_format(tmp_path, run_
         assert meta["adapter_fingerprint"] == adapter and meta["model_fingerprint"].startswith("sha256:")
         assert meta["seed"] == line["body"].get("seed", 0) and meta["params"]["num_samples"] == n
         for t in texts:
-            for s in ([line["body"]["stop"]] if isinstance(line["body"].get("stop"), str) else line["body"].get("stop", [])):
+            stop = line["body"].get("stop", [])
+            for s in [stop] if isinstance(stop, str) else stop:
                 assert s not in t
     assert len({c["text"] for c in by_id["sampled"]["response"]["body"]["choices"]}) == 2
     # medgen's own records of the same run: the valid lines, schema-valid, each line's settings in its params
@@ -256,7 +261,8 @@ def test_batch_output_round_trips_and_greedy_equals_medgen_format(tmp_path, run_
 
 def test_chat_only_file_is_vllm_shaped_and_round_trips_via_stdin(tmp_path, run_dir):
     """A file of chat lines, as vLLM's run-batch takes them, through stdin (no files written)."""
-    lines = [chat(f"c{i}", [{"role": "user", "content": p}], max_tokens=5, temperature=0) for i, p in enumerate(PROMPTS[:4])]
+    lines = [chat(f"c{i}", [{"role": "user", "content": p}], max_tokens=5, temperature=0)
+             for i, p in enumerate(PROMPTS[:4])]
     for line in lines:
         assert not vllm_problems(line) and not openai_problems(line), line
     assert vllm_problems(completion("x", "y")), "the check must be able to fail"
@@ -269,8 +275,8 @@ def test_chat_only_file_is_vllm_shaped_and_round_trips_via_stdin(tmp_path, run_d
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = [json.loads(x) for x in proc.stdout.splitlines()]
     assert [o["custom_id"] for o in out] == [x["custom_id"] for x in lines]
-    assert all(o["response"]["body"]["object"] == "chat.completion" and o["response"]["body"]["usage"]["completion_tokens"] <= 5
-               for o in out)
+    bodies = [o["response"]["body"] for o in out]
+    assert all(b["object"] == "chat.completion" and b["usage"]["completion_tokens"] <= 5 for b in bodies)
     assert not (run_dir / "generations").exists()
 
 
@@ -309,4 +315,4 @@ def test_kill_and_rerun_every_custom_id_exactly_once(tmp_path, run_dir):
     # a line whose own settings changed is refused, as a changed prompt is
     lines[0]["body"]["max_tokens"] = 7
     proc = medgen(*args[:4], f"generate.prompts={write_lines(tmp_path / 'b2.jsonl', lines)}", *args[5:], check=False)
-    assert proc.returncode == 2 and "params of 'r000' changed" in proc.stderr
+    assert proc.returncode == 2 and "the settings (params) of 'r000' changed" in proc.stderr

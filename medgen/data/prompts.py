@@ -1,8 +1,7 @@
 """The prompts file of the generate stage: JSONL records with ``id`` and ``prompt`` (other fields carried
 through), OpenAI batch request lines (medgen/openai_batch.py), or plain text with one prompt per line, from any
-fsspec URL. Parsed in full before any model is
-loaded (and by ``medgen validate`` / ``medgen run`` before the first stage): a bad line is one error naming
-the file and line, never a failure after hours of training.
+fsspec URL. Parsed in full before any model is loaded (and by ``medgen validate`` / ``medgen run`` before the
+first stage): a bad line is one error naming the file and line, never a failure after hours of training.
 """
 from __future__ import annotations
 
