@@ -15,6 +15,7 @@ before appending. Rank 0 then copies the part lines, in input order, into ``gene
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -29,7 +30,7 @@ from typing import Any, Iterator, TextIO
 import torch
 from transformers import GenerationConfig, LogitsProcessor, StoppingCriteria
 
-from medgen import atomic, models, provenance, watchdog
+from medgen import atomic, models, openai_batch, provenance, watchdog
 from medgen.config import ASSETS, Config, GenerateConfig
 from medgen.data.prompts import STDIN, looks_jsonl, parse_prompts, read_prompts
 from medgen.data.storage import disk_errors
@@ -42,9 +43,15 @@ SCHEMA = ASSETS / "generation.schema.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 Key = tuple[str, int]
 
+# An item's own decoding settings and seed (an OpenAI batch line's); a medgen record's fields of these names are
+# dropped, as the line header would replace them in the output anyway.
+OWN_SETTINGS = ("params", "seed")
+
+
 def expand(prompts: list[dict[str, Any]], num_samples: int) -> list[dict[str, Any]]:
     """One work item per (prompt, sample), in output order."""
-    return [{**p, "sample": s} for p in prompts for s in range(num_samples)]
+    return [{**{k: v for k, v in p.items() if k not in OWN_SETTINGS}, "sample": s}
+            for p in prompts for s in range(num_samples)]
 
 
 def key(rec: dict[str, Any]) -> Key:
@@ -154,8 +161,14 @@ class Generator:
             log.info("generating with the base model alone (model.base_only=true)")
         self.model = model.to(device=device, dtype=DTYPES[g.dtype]).eval()
         self.max_positions = _max_positions(self.model.config)
+
+    def settings(self, it: dict[str, Any]) -> GenerateConfig:
+        """The decoding settings of an item: its own (an OpenAI batch line's) over generate.*."""
+        return dataclasses.replace(self.g, **it["params"]) if "params" in it else self.g
+
+    def gen_config(self, g: GenerateConfig) -> GenerationConfig:
         # A fresh config: the model's generation_config.json (sampling defaults etc.) must not leak in.
-        self.gen_config = GenerationConfig(
+        return GenerationConfig(
             max_new_tokens=g.max_new_tokens, min_new_tokens=g.min_new_tokens or None, do_sample=False, num_beams=1,
             repetition_penalty=g.repetition_penalty, eos_token_id=self.tok.eos_token_id,
             pad_token_id=self.tok.pad_token_id, use_cache=True,
@@ -165,59 +178,74 @@ class Generator:
         """Token ids of each item's prompt; a prompt that cannot fit is a user error, found before any work."""
         ids = self.tok([it["prompt"] for it in items], add_special_tokens=False)["input_ids"]
         for it, x in zip(items, ids):
+            new = self.settings(it).max_new_tokens
             if not x:
                 raise UserError(f"generate: prompt {it['id']!r} is empty after tokenization")
-            if self.max_positions and len(x) + self.g.max_new_tokens > self.max_positions:
+            if self.max_positions and len(x) + new > self.max_positions:
                 raise UserError(f"generate: prompt {it['id']!r} has {len(x)} tokens; with generate.max_new_tokens="
-                                f"{self.g.max_new_tokens} that exceeds the model's {self.max_positions} positions")
+                                f"{new} that exceeds the model's {self.max_positions} positions")
         return ids
 
     @torch.no_grad()
-    def complete(self, items: list[dict[str, Any]], ids: list[list[int]]) -> list[dict[str, Any]]:
-        """Records for one batch (left-padded to its longest prompt)."""
+    def complete(self, items: list[dict[str, Any]], ids: list[list[int]], g: GenerateConfig | None = None
+                 ) -> list[dict[str, Any]]:
+        """Records for one batch (left-padded to its longest prompt), all decoded with the settings ``g``."""
+        g = g or self.g
         width, pad = max(map(len, ids)), self.tok.pad_token_id
         input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=self.device)
         mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=self.device)
-        procs = [RowSampler(self.g, [row_seed(self.g.seed, *key(it)) for it in items])] if self.g.do_sample else []
-        stops = [StopStrings(self.tok, self.g.stop, width)] if self.g.stop else []
-        out = self.model.generate(input_ids=input_ids, attention_mask=mask, generation_config=self.gen_config,
+        seeds = [row_seed(it.get("seed", g.seed), *key(it)) for it in items]
+        procs = [RowSampler(g, seeds)] if g.do_sample else []
+        stops = [StopStrings(self.tok, g.stop, width)] if g.stop else []
+        out = self.model.generate(input_ids=input_ids, attention_mask=mask, generation_config=self.gen_config(g),
                                   logits_processor=procs, stopping_criteria=stops)
         created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         records = []
         for it, x, new in zip(items, ids, out[:, width:].tolist()):
-            text, n, reason = self._finish(new)
+            text, n, reason = self._finish(new, g.stop)
+            own = {k: it[k] for k in OWN_SETTINGS if k in it}  # a line's own settings, not generate.*'s
             records.append({**it, "completion": text, "finish_reason": reason, "prompt_tokens": len(x),
-                            "completion_tokens": n, **self.header, "created": created})
+                            "completion_tokens": n, **self.header, **own, "created": created})
         return records
 
-    def _finish(self, new: list[int]) -> tuple[str, int, str]:
+    def _finish(self, new: list[int], stop: list[str]) -> tuple[str, int, str]:
         """(completion, tokens generated for it, finish reason) from a row's new ids."""
         eos, reason = self.tok.eos_token_id, "length"
         if eos in new:  # everything after a row's eos is padding
             new, reason = new[:new.index(eos)], "eos"
         text = self.tok.decode(new, skip_special_tokens=True)
-        if self.g.stop and _first_stop(text, self.g.stop) >= 0:
+        if stop and _first_stop(text, stop) >= 0:
             for k in range(1, len(new) + 1):  # the token that completed the stop string ends the completion
                 text = self.tok.decode(new[:k], skip_special_tokens=True)
-                cut = _first_stop(text, self.g.stop)
+                cut = _first_stop(text, stop)
                 if cut >= 0:
                     return text[:cut], k, "stop"
         return text, len(new), reason
 
     def run(self, items: list[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
-        """Records batch by batch, longest prompts first (less padding per batch; memory errors come early)."""
+        """Records batch by batch. Items with the same settings share batches (OpenAI batch lines may each have
+        their own); within those, longest prompts first (less padding per batch; memory errors come early)."""
         ids = self.encode(items)
-        order = sorted(range(len(items)), key=lambda i: (-len(ids[i]), i))
+        configs = [self.settings(it) for it in items]
+        # one group per distinct decoding (num_samples only says how many items there are; seeds are per row)
+        group = [json.dumps({**gen_params(c), "num_samples": 1}, sort_keys=True) for c in configs]
+        order = sorted(range(len(items)), key=lambda i: (group[i], -len(ids[i]), i))
         size = self.g.batch_size or auto_batch_size(self.model, self.device, max(map(len, ids), default=0),
-                                                    self.g.max_new_tokens)
+                                                    max((c.max_new_tokens for c in configs), default=0))
         if size != getattr(self, "told_batch", None):  # once, not after every prompt of an interactive session
             log.info("generate: %d prompts per batch%s", size, "" if self.g.batch_size else " (generate.batch_size=0: auto)")
             self.told_batch = size
-        for start in range(0, len(order), size):
-            chunk = order[start:start + size]
-            batch = self.complete([items[i] for i in chunk], [ids[i] for i in chunk])
-            watchdog.progress("generate", start + len(chunk))
+        done, start = 0, 0
+        while start < len(order):
+            end = start + 1
+            while end < len(order) and end - start < size and group[order[end]] == group[order[start]]:
+                end += 1
+            chunk = order[start:end]
+            batch = self.complete([items[i] for i in chunk], [ids[i] for i in chunk], configs[chunk[0]])
+            done += len(chunk)
+            watchdog.progress("generate", done)
             yield batch
+            start = end
 
 
 # bench/bench_generate.py on 2 CPU cores: batch 16 gave 6.8x the per-prompt pipeline, 64 gave 10.7-12x
@@ -256,6 +284,8 @@ class OutputSet:
     header: dict[str, Any]  # the provenance fields on every line
     final: Path
     adapter: bool
+    batch: tuple[openai_batch.Request, ...] = ()  # with batch_output: its OpenAI batch output lines, written first
+    batch_output: Path | None = None
 
 
 def run(cfg: Config) -> dict[str, Any]:
@@ -266,17 +296,38 @@ def run(cfg: Config) -> dict[str, Any]:
         raise UserError("generate.prompts=- (stdin) works with `medgen generate` only")
     state = init_distributed(timeout=watchdog.pg_timeout(cfg.run))
     prompts = read_prompts(g.prompts, cfg.data.storage_options, cfg.data.retry_seconds)
+    requests = prompts if prompts and isinstance(prompts[0], openai_batch.Request) else []
+    items = batch_items(cfg, requests, g.prompts) if requests else expand(prompts, g.num_samples)
+    ids = list(dict.fromkeys(it["id"] for it in items))  # the prompts (a batch file's valid lines) in input order
     layout = cfg.layout
     layout.generations.mkdir(parents=True, exist_ok=True)
-    judge = LazyJudge(cfg, state.device, {p["id"] for p in prompts[:g.judge_prompts]})
-    tuned = OutputSet("", line_header(cfg), layout.generations_file, adapter=True)
+    judge = LazyJudge(cfg, state.device, set(ids[:g.judge_prompts]))
+    batch = {"batch": tuple(requests), "batch_output": layout.batch_output_file} if g.format == "openai-batch" else {}
+    tuned = OutputSet("", line_header(cfg), layout.generations_file, adapter=True, **batch)
     if tuned.header["adapter_fingerprint"] and g.base_prompts:
         base = OutputSet("base-", line_header(cfg, adapter=False), layout.base_generations_file, adapter=False)
-        _complete_once(cfg, state, expand(prompts[:g.base_prompts], g.num_samples), base, "generate (base model)",
+        first = set(ids[:g.base_prompts])
+        _complete_once(cfg, state, [it for it in items if it["id"] in first], base, "generate (base model)",
                        judge=judge)
-    items = expand(prompts, g.num_samples)
     _complete_once(cfg, state, items, tuned, "generate", record=True, judge=judge)
-    return {"prompts": len(prompts), "lines": len(items), "path": str(layout.generations_file)}
+    out = {"prompts": len(requests or prompts), "lines": len(items), "path": str(layout.generations_file)}
+    if batch:
+        out.update(batch_output=str(layout.batch_output_file), errors=sum(bool(r.error) for r in requests))
+    return out
+
+
+def batch_items(cfg: Config, requests: list[openai_batch.Request], source: str) -> list[dict[str, Any]]:
+    """The work items of an OpenAI batch file's valid lines (one per custom_id and sample, each with its own
+    settings). With medgen's own output format, which has no error lines, an invalid line is a user error."""
+    tok = models.load_tokenizer(cfg.model.name_or_path, cfg.model.revision)
+    from transformers import AutoConfig
+
+    positions = _max_positions(AutoConfig.from_pretrained(models.resolve(cfg.model.name_or_path),
+                                                          revision=cfg.model.revision or None, trust_remote_code=False))
+    openai_batch.resolve(requests, cfg.generate, tok, positions)
+    if cfg.generate.format != "openai-batch" and (err := openai_batch.first_error(requests, source)):
+        raise UserError(err)
+    return openai_batch.items(requests, gen_params)
 
 
 class LazyJudge:
@@ -335,6 +386,10 @@ def _complete_once(cfg: Config, state, items: list[dict[str, Any]], out: OutputS
             provenance.write(cfg, "generate", world_size=state.num_processes,
                              model_fingerprint=out.header["model_fingerprint"],
                              adapter_fingerprint=out.header["adapter_fingerprint"])
+        if out.batch_output:  # before the final file: that one, published last, marks the stage finished
+            with disk_errors(out.batch_output, out.batch_output.name, "the part files are kept; a rerun merges them"):
+                done = _read_done(out_dir, out.prefix)
+                atomic.write_text(out.batch_output, openai_batch.output_text(list(out.batch), done, out.header))
         with disk_errors(out.final, out.final.name, "the part files are kept; a rerun merges them"):
             _merge(out_dir, out.prefix, items, out.final)
     state.wait_for_everyone()
@@ -392,11 +447,17 @@ def _read_done(out_dir: Path, prefix: str = "") -> dict[Key, str]:
 
 
 def _check_prompts(items: list[dict[str, Any]], done: dict[Key, str]) -> None:
+    """An id whose prompt (or, for an OpenAI batch line, its own settings) changed since its line was written."""
     for it in items:
         line = done.get(key(it))
-        if line is not None and json.loads(line)["prompt"] != it["prompt"]:
-            raise UserError(f"generate: prompt {it['id']!r} changed since its completion was written; "
-                            "give it a new id, or use another run.dir")
+        if line is None:
+            continue
+        rec = json.loads(line)
+        changed = [k for k in ("prompt", *OWN_SETTINGS) if k in it and rec.get(k) != it[k]]
+        if changed:
+            what = "prompt" if "prompt" in changed else f"the settings ({', '.join(changed)}) of"
+            raise UserError(f"generate: {what} {it['id']!r} changed since its completion was written; give it a "
+                            "new id, or use another run.dir")
 
 
 def _check_job(out_dir: Path, out: OutputSet) -> None:
@@ -447,13 +508,17 @@ def from_stdin(cfg: Config, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdo
     if stdin.isatty():
         return _interactive(cfg, stdin, stdout, stderr)
     text = stdin.read()
-    items = expand(parse_prompts(text, "<stdin>", looks_jsonl(text)), cfg.generate.num_samples)
-    if not items:
-        return 0
-    gen = Generator(cfg, _single_process_device())
-    by_key = {key(r): r for batch in gen.run(items) for r in batch}
-    for it in items:
-        stdout.write(json.dumps(by_key[key(it)], ensure_ascii=False) + "\n")
+    prompts = parse_prompts(text, "<stdin>", looks_jsonl(text))
+    requests = prompts if prompts and isinstance(prompts[0], openai_batch.Request) else []
+    items = batch_items(cfg, requests, "<stdin>") if requests else expand(prompts, cfg.generate.num_samples)
+    gen = Generator(cfg, _single_process_device()) if items else None
+    by_key = {key(r): r for batch in (gen.run(items) if gen else []) for r in batch}
+    if requests and cfg.generate.format == "openai-batch":
+        done = {k: json.dumps(r, ensure_ascii=False) for k, r in by_key.items()}
+        stdout.write(openai_batch.output_text(requests, done, gen.header if gen else line_header(cfg)))
+    else:
+        for it in items:
+            stdout.write(json.dumps(by_key[key(it)], ensure_ascii=False) + "\n")
     stdout.flush()
     return len(items)
 

@@ -84,6 +84,11 @@ class RunLayout:
         return self.generations / "generations.jsonl"
 
     @property
+    def batch_output_file(self) -> Path:
+        """OpenAI batch output lines, one per custom_id (generate.format=openai-batch)."""
+        return self.generations / "batch_output.jsonl"
+
+    @property
     def base_generations_file(self) -> Path:
         """The base model's completions of the first generate.base_prompts prompts, for the report's comparison."""
         return self.generations / "base.jsonl"

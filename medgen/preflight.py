@@ -155,9 +155,16 @@ def _prompts(cfg: Config) -> list[str]:
 
     if cfg.generate.prompts == prompts.STDIN:
         return []
+    from medgen import openai_batch
+
     try:
-        prompts.read_prompts(cfg.generate.prompts, _probe_options(cfg.generate.prompts, cfg.data.storage_options),
-                             retry_seconds=0)
+        got = prompts.read_prompts(cfg.generate.prompts, _probe_options(cfg.generate.prompts, cfg.data.storage_options),
+                                   retry_seconds=0)
+        if cfg.generate.format != "openai-batch" and got and isinstance(got[0], openai_batch.Request):
+            # medgen's own output has no error lines: a line OpenAI's format or medgen does not allow stops the run
+            err = openai_batch.first_error(got, cfg.generate.prompts)
+            if err:
+                return [err]
     except UserError as e:
         return [str(e)]
     except Exception as e:

@@ -254,7 +254,11 @@ class EvalConfig:
 
 @dataclass
 class GenerateConfig:
-    prompts: str = opt(DEMO_PROMPTS, "Prompts: JSONL with id/prompt, or text with one prompt per line (any fsspec URL); '-' = stdin.")
+    prompts: str = opt(DEMO_PROMPTS, "Prompts: JSONL with id/prompt, OpenAI batch input lines (custom_id/method/url/body), "
+                       "or text with one prompt per line (any fsspec URL); '-' = stdin.")
+    format: Literal["medgen", "openai-batch"] = opt(
+        "medgen", "Output: medgen's records (generations.jsonl) only, or also OpenAI batch output lines, one per "
+        "custom_id, in generations/batch_output.jsonl (docs/generate.md).")
     max_new_tokens: int = opt(48, "New tokens per completion (at most).", gt=0)
     min_new_tokens: int = opt(0, "Suppress end-of-text until this many new tokens (0 = off; benchmarks force full length).")
     do_sample: bool = opt(False, "Sample (true) or greedy (false).")

@@ -1,7 +1,7 @@
 """The prompts file of the generate stage: JSONL records with ``id`` and ``prompt`` (other fields carried
-through), or plain text with one prompt per line, from any fsspec URL. Parsed in full before any model is
-loaded (and by ``medgen validate`` / ``medgen run`` before the first stage): a bad line is one error naming
-the file and line, never a failure after hours of training.
+through), OpenAI batch request lines (medgen/openai_batch.py), or plain text with one prompt per line, from any
+fsspec URL. Parsed in full before any model is loaded (and by ``medgen validate`` / ``medgen run`` before the
+first stage): a bad line is one error naming the file and line, never a failure after hours of training.
 """
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import os
 import re
 from typing import Any
 
+from medgen import openai_batch
 from medgen.data.retry import RETRY_SECONDS, retrying
 from medgen.data.storage import is_local, local_path, redact, storage_errors, url_to_fs
 from medgen.errors import UserError
@@ -25,8 +26,9 @@ def check_exists(url: str) -> list[str]:
 
 
 def read_prompts(url: str, storage_options: dict | None = None,
-                 retry_seconds: float = RETRY_SECONDS) -> list[dict[str, Any]]:
-    """JSONL objects with ``id`` and ``prompt`` (other fields carried through), or one prompt per text line."""
+                 retry_seconds: float = RETRY_SECONDS) -> list[dict[str, Any]] | list[openai_batch.Request]:
+    """JSONL objects with ``id`` and ``prompt`` (other fields carried through), or one prompt per text line; for
+    an OpenAI batch file, its requests (see ``parse_prompts``)."""
     fs, path = url_to_fs("generate.prompts", url, storage_options or {})
 
     def read() -> bytes:
@@ -50,17 +52,27 @@ def decode_prompts(data: bytes, source: str) -> str:
 
 
 def looks_jsonl(text: str) -> bool:
-    """For stdin, which has no file name: JSONL when the first non-blank line is an object with a prompt."""
-    first = next((ln for ln in text.split("\n") if ln.strip()), "")
+    """For stdin, which has no file name: JSONL when the first non-blank line is an object with a prompt (or an
+    OpenAI batch line)."""
+    rec = _first_object(text)
+    return isinstance(rec, dict) and ("prompt" in rec or openai_batch.is_batch_line(rec))
+
+
+def _first_object(text: str) -> Any:
+    first = next((ln for ln in _LINE_END.split(text) if ln.strip()), "")
     try:
-        rec = json.loads(first)
+        return json.loads(first)
     except json.JSONDecodeError:
-        return False
-    return isinstance(rec, dict) and "prompt" in rec
+        return None
 
 
-def parse_prompts(text: str, source: str, jsonl: bool) -> list[dict[str, Any]]:
-    """Prompt records in input order; a text line's id is ``line-<n>`` (its 1-based line number)."""
+def parse_prompts(text: str, source: str, jsonl: bool) -> list[dict[str, Any]] | list[openai_batch.Request]:
+    """Prompt records in input order; a text line's id is ``line-<n>`` (its 1-based line number). A JSONL file
+    whose first line is an OpenAI batch request line (custom_id, body) is read as one: its requests, each valid
+    or carrying the error of its error line (medgen/openai_batch.py)."""
+    if jsonl and openai_batch.is_batch_line(_first_object(text)):
+        return openai_batch.parse([(n, _json_line(line, source, n)) for n, line in enumerate(_LINE_END.split(text), 1)
+                                   if line.strip()], source)
     prompts, seen = [], set()
     # \n, \r\n or \r, not splitlines(): JSON strings may hold U+2028, \x1c etc. unescaped
     for n, line in enumerate(_LINE_END.split(text), 1):
@@ -82,6 +94,17 @@ def _no_constant(name: str):
 
 
 def _json_prompt(line: str, source: str, n: int) -> dict[str, Any]:
+    rec = _json_line(line, source, n)
+    if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
+        raise UserError(f"generate.prompts {source}:{n}: needs a string field 'prompt'")
+    if not rec["prompt"]:
+        raise UserError(f"generate.prompts {source}:{n}: empty prompt")
+    rec["id"] = str(rec.get("id", f"line-{n}"))
+    return rec
+
+
+def _json_line(line: str, source: str, n: int) -> Any:
+    """One JSONL line, parsed; a line that is not usable JSON is a user error naming it."""
     try:
         rec = json.loads(line, parse_constant=_no_constant)
         json.dumps(rec, ensure_ascii=False).encode("utf-8")  # the output must be able to hold it
@@ -93,9 +116,4 @@ def _json_prompt(line: str, source: str, n: int) -> dict[str, Any]:
     except (ValueError, RecursionError) as e:  # NaN/Infinity, a number of 4300+ digits, nesting too deep
         raise UserError(f"generate.prompts {source}:{n}: not usable JSON ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:100]})") from None
-    if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
-        raise UserError(f"generate.prompts {source}:{n}: needs a string field 'prompt'")
-    if not rec["prompt"]:
-        raise UserError(f"generate.prompts {source}:{n}: empty prompt")
-    rec["id"] = str(rec.get("id", f"line-{n}"))
     return rec
