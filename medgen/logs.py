@@ -123,11 +123,12 @@ class Progress:
         shown = self.log.isEnabledFor(logging.INFO)  # --quiet: neither lines nor a bar
         self.bar = _bar(what, total, unit, leave, stream) if shown and _is_terminal(stream) else None
         self.lines = shown and self.bar is None
-        self.t0 = time.monotonic()
+        self.t0 = time.monotonic()  # again on entering: the rate and time left are the loop's own
         self._stop, self._lock = threading.Event(), threading.Lock()
         self._timer = threading.Thread(target=self._tick, name="medgen-progress", daemon=True)
 
     def __enter__(self) -> "Progress":
+        self.t0 = time.monotonic()
         if self.lines:
             if self.ends:
                 self.log.info("%s", self._head(start=True))

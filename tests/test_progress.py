@@ -25,7 +25,8 @@ def _gaps(times: list[float]) -> list[float]:
 
 def test_lines_come_at_the_interval_with_the_counts_rate_and_time_left(lines):
     every = 0.2
-    with Progress("eval base", 100, "windows", every, totals={"articles": 10}, rate="tokens", stream=io.StringIO()) as p:
+    with Progress("eval base", 100, "windows", every, totals={"articles": 10}, rate="tokens",
+                  stream=io.StringIO()) as p:
         for _ in range(10):
             p.update(5, articles=1, tokens=320)
             time.sleep(0.1)
@@ -35,8 +36,8 @@ def test_lines_come_at_the_interval_with_the_counts_rate_and_time_left(lines):
     assert 3 <= len(ticks) <= 6, got  # ~1 s of work at 0.2 s
     assert max(_gaps([t for t, _ in got])) < every + 0.3, got  # slack: 2 busy shared cores
     for _, text in ticks:
-        m = re.fullmatch(r"eval base: (\d+)/100 windows, (\d+)/10 articles, (\d+) tokens, (\d+) tokens/s, about (\d+)s left",
-                         text)
+        m = re.fullmatch(r"eval base: (\d+)/100 windows, (\d+)/10 articles, (\d+) tokens, (\d+) tokens/s, "
+                         r"about (\d+)s left", text)
         assert m, text
         assert int(m[3]) == 320 * int(m[2]) and int(m[1]) == 5 * int(m[2])
     assert re.fullmatch(r"eval base: 50/100 windows, 10/10 articles, 3200 tokens, \d+ tokens/s, done in 1\.\d s",
@@ -148,7 +149,8 @@ RATE, LEFT, DONE = r", \d+(\.\d)? \S+/s", r"(, about \S+ left)?", r", done in \d
 # what each stage's lines say before the rate: what is done of the total and the other counts
 HEADS = {
     "prepare": r"(?P<done>\d+\.\d)/(?P<total>\d+\.\d) MB(, (?P<rows>\d+) rows)?",
-    "eval base": r"(?P<done>\d+)/(?P<total>\d+) windows, (?P<articles>\d+)/(?P<of>\d+) articles(, (?P<tokens>\d+) tokens)?",
+    "eval base": r"(?P<done>\d+)/(?P<total>\d+) windows, (?P<articles>\d+)/(?P<of>\d+) articles"
+                 r"(, (?P<tokens>\d+) tokens)?",
     "generate": r"(?P<done>\d+)/(?P<total>\d+) completions(, (?P<tokens>\d+) tokens)?",  # tokens: not at the start
 }
 
@@ -159,8 +161,9 @@ def progress_lines(log: str, what: str, every: float, ticks: int = 2) -> list[re
     them longer than ``every`` plus the stamps' second and a second of scheduling slack. Returns the matches of
     their heads (the counts), start to end."""
     head = HEADS[what]
-    found = [(int(h) * 3600 + int(m) * 60 + int(s), text[len(what) + 2:])  # the stage's other lines left out
-             for h, m, s, text in STAMP.findall(log) if text.startswith(f"{what}: ") and re.match(head, text[len(what) + 2:])]
+    stamped = [(int(h) * 3600 + int(m) * 60 + int(s), text[len(what) + 2:])
+               for h, m, s, text in STAMP.findall(log) if text.startswith(f"{what}: ")]
+    found = [(t, text) for t, text in stamped if re.match(head, text)]  # the stage's other lines left out
     start = next(i for i, (_, text) in enumerate(found) if re.fullmatch(head, text))
     end = next(i for i, (_, text) in enumerate(found) if re.fullmatch(head + RATE + DONE, text))
     assert end - start - 1 >= ticks, found
@@ -186,7 +189,8 @@ def test_prepare_evaluate_and_generate_log_their_progress_where_stderr_is_not_a_
     common = [*TINY, f"run.dir={tmp_path}", "run.progress_every=0.5", "model.base_only=true"]
     err = medgen("prepare", *common, f"data.source={medium_sample}", "data.workers=1").stderr
     prep = progress_lines(err, "prepare", 0.5)
-    assert (prep[0]["done"], prep[-1]["done"], prep[-1]["total"], prep[-1]["rows"]) == ("0.0", "3.5", "3.5", "500")
+    size = f"{medium_sample.stat().st_size / 1e6:.1f}"
+    assert (prep[0]["done"], prep[-1]["done"], prep[-1]["total"], prep[-1]["rows"]) == ("0.0", size, size, "500")
     assert _nondecreasing(prep, "done", "rows") and "it/s" not in err and "%|" not in err  # no tqdm bar
 
     err = medgen("evaluate", *common, "eval.max_articles=1").stderr

@@ -84,8 +84,9 @@ class RunConfig:
         1800.0, "The same before a stage's first progress: model loading and the first (maybe compiled) step.", gt=0,
     )
     progress_every: float = opt(
-        DEFAULT_EVERY, "Seconds between the progress lines of prepare, evaluate, validation and generate where stderr is not a "
-        "terminal (a SLURM job log, a pipe); on a terminal a progress bar instead.", ge=0.1, le=3600,
+        DEFAULT_EVERY, "Seconds between the progress lines of prepare, evaluate, validation and generate where "
+        "stderr is not a terminal (a SLURM job log, a pipe; docs/slurm.md); on a terminal a progress bar instead.",
+        ge=0.1, le=3600,
     )
 
 
