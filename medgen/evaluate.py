@@ -9,20 +9,19 @@ schema of ``eval/metrics.json``.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import logging
 import math
 import os
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from typing import Any, Iterator, NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
-
 from medgen import atomic, models, watchdog
 from medgen import provenance as run_records
 from medgen.config import Config
@@ -30,7 +29,7 @@ from medgen.data import shards, stream
 from medgen.data.storage import disk_errors
 from medgen.dist import init_distributed
 from medgen.errors import UserError
-from medgen.logs import Progress
+from medgen.logs import DEFAULT_EVERY, Progress
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -116,29 +115,29 @@ def target_logits(model, ids: torch.Tensor, keep: torch.Tensor, use_mask: bool) 
 
 
 def score(model, articles: list[dict], sep: int, context: int, stride: int, batch_size: int,
-          device: torch.device, desc: str = "score", min_batches: int = 0,
-          log_progress: bool = True) -> list[tuple[float, int]]:
+          device: torch.device, desc: str = "score", min_batches: int = 0, every: float = DEFAULT_EVERY,
+          ends: bool = True) -> list[tuple[float, int]]:
     """Per-article (NLL sum in float64, predicted tokens). ``min_batches``: run at least this many forward
     passes (the extra ones on a one-token window, results dropped), for a sharded model whose every rank must
-    take part in every forward pass (ZeRO-3)."""
+    take part in every forward pass (ZeRO-3). ``every``, ``ends``: the progress lines (logs.Progress)."""
     work = plan(articles, sep, context, stride)
-    return _per_article(work, window_nll(model, work, batch_size, device, desc, min_batches, log_progress),
-                        len(articles))
+    progress = Progress(desc, len(work), "windows", every, totals={"articles": len({w.article for w in work})},
+                        rate="tokens", ends=ends, leave=ends)
+    return _per_article(work, window_nll(model, work, batch_size, device, min_batches, progress), len(articles))
 
 
-def window_nll(model, work: list[Window], batch_size: int, device: torch.device, desc: str = "score",
-               min_batches: int = 0, log_progress: bool = True) -> list[float]:
+def window_nll(model, work: list[Window], batch_size: int, device: torch.device, min_batches: int = 0,
+               progress: Progress | None = None) -> list[float]:
     """The NLL sum (float64) of each window's targets, in ``work``'s order, ``batch_size`` windows a pass;
-    progress lines in the log (logs.Progress) unless a caller that reports itself says not to."""
+    ``progress`` told of the windows, the articles whose every window is scored, and the tokens."""
     out = [0.0] * len(work)
     use_mask = accepts_logits_mask(model)
-    steps = range(0, len(work), batch_size)
-    progress = Progress(desc, len(work), "windows", every=30.0 if log_progress else float("inf"), quiet=not log_progress)
-    with torch.inference_mode():
-        for _ in range(len(steps), min_batches):
+    left = Counter(w.article for w in work)  # windows still to score, per article
+    with torch.inference_mode(), progress or contextlib.nullcontext():
+        for _ in range(-(-len(work) // batch_size), min_batches):
             ids, keep, _t = collate([Window(0, [0, 0], 1)], device)
             target_logits(model, ids, keep, use_mask)
-        for s in tqdm(steps, desc=desc, unit=" batch", disable=None, leave=False):
+        for s in range(0, len(work), batch_size):
             batch = work[s:s + batch_size]
             ids, keep, targets = collate(batch, device)
             logits = target_logits(model, ids, keep, use_mask)
@@ -146,7 +145,10 @@ def window_nll(model, work: list[Window], batch_size: int, device: torch.device,
             rows = keep.nonzero()[:, 0]  # row of every kept position, in the same row-major order
             per_row = torch.zeros(len(batch), dtype=torch.float64, device=device).index_add_(0, rows, token_nll)
             out[s:s + len(batch)] = per_row.tolist()  # one host sync per batch
-            progress.update(len(batch), sum(len(w.ids) for w in batch))
+            if progress:
+                left.subtract(w.article for w in batch)
+                progress.update(len(batch), articles=sum(left[a] == 0 for a in {w.article for w in batch}),
+                                tokens=sum(len(w.ids) for w in batch))
     return out
 
 
@@ -300,7 +302,8 @@ def _score_both(cfg: Config, model, tok, has_adapter: bool, mine: list[dict], co
     e = cfg.eval
     results, seconds, merge = {}, {}, {}
     t0 = time.perf_counter()
-    results["base"] = score(model, mine, tok.eos_token_id, context, stride, e.batch_size, device, "eval base")
+    results["base"] = score(model, mine, tok.eos_token_id, context, stride, e.batch_size, device, "eval base",
+                            every=cfg.run.progress_every)
     seconds["base"] = time.perf_counter() - t0
     if has_adapter:
         model, merged, diff = models.attach_adapter(model, cfg.layout.adapter, tok, e.merge_tolerance,
@@ -309,7 +312,8 @@ def _score_both(cfg: Config, model, tok, has_adapter: bool, mine: list[dict], co
                  models.adapter_fingerprint(cfg.layout.adapter), merged, diff)
         merge = {"adapter_merged": merged, "merge_difference": None if math.isnan(diff) else diff}
         t0 = time.perf_counter()
-        results["tuned"] = score(model, mine, tok.eos_token_id, context, stride, e.batch_size, device, "eval tuned")
+        results["tuned"] = score(model, mine, tok.eos_token_id, context, stride, e.batch_size, device,
+                                 "eval tuned", every=cfg.run.progress_every)
         seconds["tuned"] = time.perf_counter() - t0
     return results, seconds, merge
 

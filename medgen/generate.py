@@ -36,6 +36,7 @@ from medgen.data.prompts import STDIN, looks_jsonl, parse_prompts, read_prompts
 from medgen.data.storage import disk_errors
 from medgen.dist import init_distributed
 from medgen.errors import UserError
+from medgen.logs import Progress
 
 log = logging.getLogger(__name__)
 
@@ -353,8 +354,6 @@ class LazyJudge:
 def _complete_once(cfg: Config, state, items: list[dict[str, Any]], out: OutputSet, desc: str,
                    record: bool = False, judge: LazyJudge | None = None) -> None:
     """Every item of ``items`` completed once into ``out``, whatever ran before and on however many ranks."""
-    from tqdm.auto import tqdm
-
     out_dir = out.final.parent
     _check_job(out_dir, out)
     part = out_dir / f"{out.prefix}part-{state.process_index:05d}-of-{state.num_processes:05d}.jsonl"
@@ -372,12 +371,12 @@ def _complete_once(cfg: Config, state, items: list[dict[str, Any]], out: OutputS
         with disk_errors(part, "completions", kept):
             fd = os.open(part, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             try:
-                with tqdm(total=len(mine), desc=desc, unit=" completion", disable=None) as bar:
+                with Progress(desc, len(mine), "completions", cfg.run.progress_every, rate="tokens") as progress:
                     for records in gen.run(mine):
                         if judge:
                             judge.add_scores(records)
                         _append(fd, records)
-                        bar.update(len(records))
+                        progress.update(len(records), tokens=sum(r["completion_tokens"] for r in records))
             finally:
                 os.close(fd)
     state.wait_for_everyone()

@@ -49,7 +49,7 @@ class Judge:
                 continue
             work += [evaluate.Window(i, p + c, len(c)), evaluate.Window(i, [eos] + c, len(c))]
             index.append((i, len(c)))
-        nll = evaluate.window_nll(self.model, work, self.batch_size, self.device, "judge", log_progress=False)
+        nll = evaluate.window_nll(self.model, work, self.batch_size, self.device)  # in generate's progress
         out: list[dict[str, float] | None] = [None] * len(pairs)
         for k, (i, n) in enumerate(index):
             given_prompt, given_nothing = nll[2 * k] / n, nll[2 * k + 1] / n

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
+import threading
 import time
 import warnings
 from typing import Iterator
@@ -93,37 +95,115 @@ def logging_for(quiet: bool, debug: bool) -> Iterator[None]:
                 os.environ[k] = v
 
 
+DEFAULT_EVERY = 30.0  # seconds between progress lines: run.progress_every's default (medgen/config/schema.py)
+# Held while the timer thread writes a progress line, and by a fork (prepare's worker pool) while it forks: a
+# child never starts with the stream's lock held by a thread it does not have.
+_WRITING = threading.Lock()
+os.register_at_fork(before=_WRITING.acquire, after_in_parent=_WRITING.release, after_in_child=_WRITING.release)
+
+
 class Progress:
-    """A long loop's progress as log lines, for job logs (tqdm turns itself off where stderr is not a terminal):
-    a line at the start, at most one every ``every`` seconds, and one at the end, each with what is done of the
-    total, tokens per second and the time left."""
+    """A long loop's progress, the one home for it in every stage: a tqdm bar where stderr is a terminal; where it
+    is not (a SLURM job log, a pipe) log lines instead, never both. The lines: one at the start, one every
+    ``every`` seconds from a timer thread (whether or not the loop advanced: a slow batch or a stalled read
+    still shows), one at the end; each with what is done (of the total, when known), the other counts, a rate and
+    the time left. ``total=None``: unknown, no time left. ``unit="bytes"`` is shown in MB. ``totals``: the totals
+    of other counts; ``rate``: the count whose rate is shown (the unit's by default); ``ends=False``: no start
+    and end lines (a caller that logs its own outcome). A context manager: the end line only after success.
+    """
 
-    def __init__(self, what: str, total: int, unit: str, every: float = 30.0, logger: str = "medgen",
-                 quiet: bool = False):
-        self.what, self.total, self.unit, self.every, self.quiet = what, total, unit, every, quiet
+    def __init__(self, what: str, total: float | None, unit: str, every: float = DEFAULT_EVERY, *,
+                 totals: dict[str, int] | None = None, rate: str | None = None, ends: bool = True,
+                 leave: bool = True, logger: str = "medgen", stream=None):
+        self.what, self.total, self.unit, self.every, self.rate, self.ends = what, total, unit, every, rate, ends
+        self.totals = dict(totals or {})
+        self.counts = dict.fromkeys([*self.totals, *([rate] if rate else [])], 0)  # shown from the first line
+        self.done = 0
         self.log = logging.getLogger(logger)
-        self.done = self.tokens = 0
-        self.t0 = self.last = time.monotonic()
-        if not quiet:
-            self.log.info("%s: 0/%d %s", what, total, unit)
+        stream = stream or sys.stderr
+        shown = self.log.isEnabledFor(logging.INFO)  # --quiet: neither lines nor a bar
+        self.bar = _bar(what, total, unit, leave, stream) if shown and _is_terminal(stream) else None
+        self.lines = shown and self.bar is None
+        self.t0 = time.monotonic()  # again on entering: the rate and time left are the loop's own
+        self._stop, self._lock = threading.Event(), threading.Lock()
+        self._timer = threading.Thread(target=self._tick, name="medgen-progress", daemon=True)
 
-    def update(self, n: int, tokens: int = 0) -> None:
+    def __enter__(self) -> "Progress":
+        self.t0 = time.monotonic()
+        if self.lines:
+            if self.ends:
+                self.log.info("%s", self._head(start=True))
+            self._timer.start()
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        self._stop.set()
+        if self._timer.is_alive():
+            self._timer.join()
+        if self.bar is not None:
+            self.bar.close()
+        elif self.lines and self.ends and exc_type is None:
+            self.log.info("%s, done in %.1f s", self._line(), time.monotonic() - self.t0)
+
+    def update(self, n: float = 0, **counts: int) -> None:
+        """``n`` more of the unit done, and ``counts`` more of each other count (tokens=..., rows=...)."""
         from medgen import watchdog
 
         watchdog.progress(self.what)  # the loop advanced: the rank is not hung (medgen/watchdog.py)
-        self.done += n
-        self.tokens += tokens
-        now = time.monotonic()
-        if self.quiet:
-            return
-        if self.done >= self.total:
-            self.log.info("%s: %d/%d %s, %d tokens, %.0f tokens/s, done in %.1f s", self.what, self.done, self.total,
-                          self.unit, self.tokens, self.tokens / max(now - self.t0, 1e-9), now - self.t0)
-        elif now - self.last >= self.every:
-            self.last = now
-            left = (now - self.t0) * (self.total - self.done) / self.done
-            self.log.info("%s: %d/%d %s, %d tokens, %.0f tokens/s, about %s left", self.what, self.done, self.total,
-                          self.unit, self.tokens, self.tokens / (now - self.t0), _duration(left))
+        with self._lock:  # the timer thread's line sees all of one update or none of it
+            self.done += n
+            for k, v in counts.items():
+                self.counts[k] = self.counts.get(k, 0) + v
+        if self.bar is not None:
+            self.bar.update(n)
+            if self.counts:
+                self.bar.set_postfix(self.counts, refresh=False)
+
+    def _tick(self) -> None:
+        while not self._stop.wait(self.every):
+            with self._lock:
+                line = self._line(eta=True)
+            with _WRITING:
+                self.log.info("%s", line)
+
+    def _head(self, start: bool = False) -> str:
+        done, label = _amount(self.done, self.unit)
+        head = f"{self.what}: {done}/{_amount(self.total, self.unit)[0]} {label}" if self.total is not None \
+            else f"{self.what}: {done} {label}"
+        parts = [f"{v}/{self.totals[k]} {k}" if k in self.totals else f"{v} {k}"
+                 for k, v in self.counts.items() if not start or k in self.totals]
+        return ", ".join([head, *parts])
+
+    def _line(self, eta: bool = False) -> str:
+        elapsed = max(time.monotonic() - self.t0, 1e-9)
+        if self.rate:
+            rate = f"{self.counts.get(self.rate, 0) / elapsed:.0f} {self.rate}/s"
+        else:
+            rate = "{} {}/s".format(*_amount(self.done / elapsed, self.unit))
+        parts = [self._head(), rate]
+        if eta and self.total is not None and self.done > 0:
+            parts.append(f"about {_duration(elapsed * max(self.total - self.done, 0) / self.done)} left")
+        return ", ".join(parts)
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # a closed or a stream-like object without a file behind it
+        return False
+
+
+def _bar(what: str, total: float | None, unit: str, leave: bool, stream):
+    from tqdm.auto import tqdm
+
+    if unit == "bytes":
+        return tqdm(total=total, desc=what, unit="B", unit_scale=True, leave=leave, file=stream)
+    return tqdm(total=total, desc=what, unit=f" {unit}", leave=leave, file=stream)
+
+
+def _amount(x: float, unit: str) -> tuple[str, str]:
+    """A number of ``unit`` as shown, and its label: bytes in MB with one decimal, others whole."""
+    return (f"{x / 1e6:.1f}", "MB") if unit == "bytes" else (f"{x:.0f}", unit)
 
 
 def _duration(seconds: float) -> str:

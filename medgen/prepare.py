@@ -4,16 +4,15 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections import Counter
+from collections import Counter, deque
 from typing import Any, Iterator
-
-from tqdm.auto import tqdm
 
 from medgen import models, provenance
 from medgen.config import Config, DataConfig
 from medgen.data import articles, clean, filters, read, shards, workers
 from medgen.data.storage import redact
 from medgen.errors import UserError
+from medgen.logs import Progress
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +37,7 @@ def run(cfg: Config) -> dict[str, Any]:
         raise UserError(problems[0])
     # the sources and the destination first: a mistake there costs seconds, not the tokenizer and language model
     urls = read.source_urls(d.source, d.storage_options, d.retry_seconds)
+    size = read.total_bytes(urls, d.storage_options, d.retry_seconds)  # for the progress lines
     writer = shards.ShardWriter(cfg.shards_url, d.storage_options, d.num_shards, d.retry_seconds)
     try:
         tok = models.load_tokenizer(cfg.model.name_or_path, cfg.model.revision)
@@ -46,7 +46,8 @@ def run(cfg: Config) -> dict[str, Any]:
         log.info("prepare: %d worker process%s (data.workers=%d)", n_workers, "es" * (n_workers > 1), d.workers)
         t0, cpu0 = time.time(), time.process_time()
         decide = Decisions(d, work.minhash.bands if work.minhash else 0)
-        files = _write_articles(urls, work, n_workers, decide, writer, d)
+        with Progress("prepare", size, "bytes", cfg.run.progress_every) as progress:
+            files = _write_articles(urls, work, n_workers, decide, writer, d, progress)
         t = time.process_time()
         split_stats = writer.finish()
         decide.seconds["write"] += time.process_time() - t
@@ -65,18 +66,16 @@ def run(cfg: Config) -> dict[str, Any]:
 
 
 def _write_articles(urls: list[str], work: articles.ArticleWork, n_workers: int, decide: "Decisions",
-                    writer: shards.ShardWriter, d: DataConfig) -> list[dict]:
+                    writer: shards.ShardWriter, d: DataConfig, progress: Progress) -> list[dict]:
     """Read every source file in order, do the per-article work on ``n_workers`` processes and decide and write
     in input order (the same output for any number); returns each file's URL, sha256 and size."""
     files: list[dict] = []
-    bar = tqdm(desc="prepare", unit=" rows", disable=None)
     for chunk in workers.imap_ordered(work, _chunks(urls, d, decide, files), n_workers):
         t = time.process_time()
         for article in decide.add(chunk):
             writer.add(article.pop("split"), article.pop("shard"), article)
         decide.seconds["write"] += time.process_time() - t
-        bar.update(len(chunk.outcomes))
-    bar.close()
+        progress.update(decide.chunk_bytes.popleft(), rows=len(chunk.outcomes))
     return files
 
 
@@ -86,6 +85,7 @@ def _chunks(urls: list[str], d: DataConfig, decide: "Decisions", files: list[dic
     for url in urls:
         source = read.open_source(url, d.storage_options, d.retry_seconds)
         batches = read.iter_batches(source, cols, d.chunk_rows, url)
+        counted = 0  # bytes of this file given to chunks
         while True:
             t = time.process_time()
             batch = next(batches, None)
@@ -94,7 +94,10 @@ def _chunks(urls: list[str], d: DataConfig, decide: "Decisions", files: list[dic
                 break
             decide.rows_read += batch.rows
             decide.dropped.update(batch.malformed)
+            if batch.records:  # the batch's bytes shared by its chunks, so that progress follows the work done
+                share, counted = (source.bytes - counted) / len(batch.records), source.bytes
             for start in range(0, len(batch.records), CHUNK_ARTICLES):
+                decide.chunk_bytes.append(share * len(batch.records[start:start + CHUNK_ARTICLES]))
                 yield batch.records[start:start + CHUNK_ARTICLES]
         files.append({"url": redact(url), "sha256": source.sha256.hexdigest(), "bytes": source.bytes})
 
@@ -148,6 +151,7 @@ class Decisions:
 
     def __init__(self, d: DataConfig, bands: int):
         self.rows_read = 0
+        self.chunk_bytes: deque[float] = deque()  # each chunk's share of the source bytes, in order (progress)
         self.dropped: Counter[str] = Counter()
         self.warnings: Counter[str] = Counter()
         self.languages_dropped: Counter[str] = Counter()

@@ -122,6 +122,7 @@ class Validator:
         self.mine = articles[rank::world]  # disjoint by article, as evaluate splits them
         self.sep, self.batch_size, self.device, self.world = sep, e.batch_size, device, world
         self.context, self.stride = e.context, e.stride
+        self.every = cfg.run.progress_every
 
     def window(self, model) -> None:
         self.context, self.stride = evaluate.effective_window(model, self.context, self.stride)
@@ -134,8 +135,9 @@ class Validator:
             # every rank runs as many forward passes (ZeRO-3 gathers weights in each, on every rank)
             batches = len(evaluate.plan(self.mine, self.sep, self.context, self.stride))
             most = int(_all_reduce([math.ceil(batches / self.batch_size)], self.device, torch.distributed.ReduceOp.MAX)[0])
+            # lines at the interval only: the outcome is logged once every rank is done (Validate)
             rows = evaluate.score(model, self.mine, self.sep, self.context, self.stride, self.batch_size,
-                                  self.device, "validate", min_batches=most, log_progress=False)
+                                  self.device, "validate", min_batches=most, every=self.every, ends=False)
         finally:
             model.train(was_training)
         nll, tokens = _all_reduce([math.fsum(r[0] for r in rows), float(sum(r[1] for r in rows))], self.device)

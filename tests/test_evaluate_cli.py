@@ -168,7 +168,7 @@ def test_tuned_model_scored_merged_gives_the_unmerged_numbers(evals):
 
 
 def test_progress_shows_in_a_log_that_is_not_a_terminal(tmp_path, tiny_run):
-    """A job log is not a terminal (tqdm stays silent there): evaluate logs its progress as lines."""
+    """A job log is not a terminal (no bar there): evaluate logs its progress as lines (tests/test_progress.py)."""
     import re
 
     run = tmp_path / "run"
@@ -177,4 +177,5 @@ def test_progress_shows_in_a_log_that_is_not_a_terminal(tmp_path, tiny_run):
     for model in ("base", "tuned"):
         n = re.search(rf"eval {model}: 0/(\d+) windows", err)
         assert n, err[-3000:]
-        assert re.search(rf"eval {model}: {n.group(1)}/{n.group(1)} windows, \d+ tokens, \d+ tokens/s, done in", err)
+        assert re.search(rf"eval {model}: {n.group(1)}/{n.group(1)} windows, (\d+)/\1 articles, \d+ tokens, \d+ tokens/s, "
+                         r"done in", err)

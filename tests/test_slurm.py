@@ -18,8 +18,9 @@ import yaml
 from medgen import config
 from medgen.errors import ConfigError, UserError
 from medgen.launch import slurm
-from tests.helpers import ROOT, command, local_cluster, medgen
+from tests.helpers import ROOT, TINY, command, local_cluster, medgen
 from tests.helpers import adapter, max_diff
+from tests.test_progress import progress_lines
 from tests.test_train import _samples
 
 STEPS = 12
@@ -663,3 +664,26 @@ def test_status_of_a_run_on_this_machine(tiny_run, tmp_path):
     shutil.copytree(tiny_run / "checkpoints", run / "checkpoints")
     out = medgen("status", str(run)).stdout
     assert re.search(r"train\s+stopped\s+checkpoint .*step-\d+", out) and "evaluate  -" in out
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_job_logs_show_progress_lines_at_the_interval(slurm_cluster, tmp_path, medium_sample):
+    """A job log is not a terminal: prepare, evaluate and generate each log a line at least every
+    run.progress_every seconds while they work, on every rank (issue #25). The real Medium sample and a second
+    interval, so that each stage works for several seconds."""
+    run = tmp_path / "progress"
+    medgen("run", "--executor", "slurm", *TINY, f"run.dir={run}", "run.progress_every=1", "model.base_only=true",
+           f"data.source=[{medium_sample},{medium_sample}]", "eval.max_articles=6", "generate.batch_size=1", "generate.max_new_tokens=24",
+           "slurm.stages=[prepare,evaluate,generate]")
+    states = _wait(run)
+    assert {k: r["State"] for k, r in states.items()} == {k: "COMPLETED" for k in states}, states
+    stages = _jobs(run)["stages"]
+    prep = progress_lines(Path(stages["prepare"]["logs"][0]).read_text(), "prepare", every=1)
+    size = f"{2 * medium_sample.stat().st_size / 1e6:.1f}"  # twice: several seconds of work on one CPU
+    assert prep[-1]["done"] == prep[-1]["total"] == size and prep[-1]["rows"] == "1000"
+    for stage, what in (("evaluate", "eval base"), ("generate", "generate")):
+        assert len(stages[stage]["logs"]) == 2
+        for path in stages[stage]["logs"]:  # each rank its own log, its own share of the work
+            last = progress_lines(Path(path).read_text(), what, every=1)[-1]
+            assert last["done"] == last["total"] != "0", (stage, path)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 from medgen.layout import RunLayout
+from medgen.logs import DEFAULT_EVERY
 
 ASSETS = resources.files("medgen") / "assets"
 DEMO_ARTICLES = str(ASSETS / "demo" / "articles.csv")
@@ -81,6 +82,11 @@ class RunConfig:
     )
     start_timeout: float = opt(
         1800.0, "The same before a stage's first progress: model loading and the first (maybe compiled) step.", gt=0,
+    )
+    progress_every: float = opt(
+        DEFAULT_EVERY, "Seconds between the progress lines of prepare, evaluate, validation and generate where "
+        "stderr is not a terminal (a SLURM job log, a pipe; docs/slurm.md); on a terminal a progress bar instead.",
+        ge=0.1, le=3600,
     )
 
 

@@ -79,6 +79,20 @@ def open_source(url: str, storage_options: dict, retry_seconds: float = RETRY_SE
         return HashingReader(retrying(reopen, "data.source", url, retry_seconds), reopen, url, retry_seconds)
 
 
+def total_bytes(urls: list[str], storage_options: dict, retry_seconds: float = RETRY_SECONDS) -> int | None:
+    """The size of all the sources, for prepare's progress (MB read of it, the time left); None where a store
+    does not tell a file's size."""
+    total = 0
+    for url in urls:
+        fs, path = url_to_fs("data.source", url, storage_options)
+        with storage_errors("data.source", url):
+            size = retrying(lambda: fs.size(path), "data.source", url, retry_seconds)
+        if size is None:
+            return None
+        total += size
+    return total
+
+
 def check_sources(source: str | list[str]) -> list[str]:
     """data.source problems found without reading anything: local files and globs that are not there (object-store
     URLs are reached before any work starts, medgen/preflight.py)."""
