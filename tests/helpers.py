@@ -165,7 +165,8 @@ def _sinfo_nodes(conf: str) -> int:
                              env={**os.environ, "SLURM_CONF": conf})
     except (OSError, subprocess.TimeoutExpired):
         return 0
-    return sum(s.rstrip("*") in ("idle", "mixed", "allocated", "completing") for s in out.stdout.split())
+    # a state's suffix flags (sinfo's *~#!%$@^-+: not responding, powering, planned, ...) are not its state
+    return sum(s.rstrip("*~#!%$@^-+") in ("idle", "mixed", "allocated", "completing") for s in out.stdout.split())
 
 
 def local_cluster(nodes: int) -> str:
@@ -185,6 +186,14 @@ def local_cluster(nodes: int) -> str:
             pytest.skip(reason)
         assert up.returncode == 0, f"slurm/cluster.sh up failed:\n{up.stdout[-3000:]}\n{up.stderr[-3000:]}"
     conf = _slurm_conf(env_sh)
-    assert _sinfo_nodes(conf) == nodes, \
-        f"sinfo fails with SLURM_CONF={conf}: see the logs in {Path(conf).parent / 'log'}"
+    import time
+
+    deadline = time.time() + 60  # a node cluster.sh just brought back may be picked by a pending job meanwhile
+    while _sinfo_nodes(conf) != nodes and time.time() < deadline:
+        time.sleep(1)
+    if _sinfo_nodes(conf) != nodes:
+        states = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %T"], capture_output=True, text=True, timeout=30,
+                                env={**os.environ, "SLURM_CONF": conf})
+        raise AssertionError(f"{nodes} nodes not up with SLURM_CONF={conf} (sinfo: {states.stdout.split()} "
+                             f"{states.stderr.strip()}): see the logs in {Path(conf).parent / 'log'}")
     return conf
