@@ -25,7 +25,8 @@ import torch
 from transformers import TrainerCallback
 from trl import SFTTrainer
 
-from medgen import atomic, dist, elastic, models, provenance, throughput, tracking, train_args, validate, watchdog
+from medgen import (atomic, dist, elastic, lm_loss, models, provenance, throughput, tracking, train_args, validate,
+                    watchdog)
 from medgen.checkpoint import Checkpoints
 from medgen.config import Config
 from medgen.data import shards, storage
@@ -261,12 +262,20 @@ def _truncate_log(path: Path, step: int) -> None:
 
 
 class MedgenSFTTrainer(SFTTrainer):
-    """SFTTrainer reading medgen's packed stream as it is, with LoRA+ as an option."""
+    """SFTTrainer reading medgen's packed stream as it is, with LoRA+ as an option and, unless
+    train.token_metrics, the loss without TRL's full-vocabulary metrics (medgen/lm_loss.py)."""
 
-    def __init__(self, *args, stream: PackedStream, loraplus_ratio: float, **kwargs):
-        self.medgen_stream, self.loraplus_ratio = stream, loraplus_ratio
+    def __init__(self, *args, stream: PackedStream, loraplus_ratio: float, token_metrics: bool, **kwargs):
+        self.medgen_stream, self.loraplus_ratio, self.token_metrics = stream, loraplus_ratio, token_metrics
         self.finished = False  # resumed from the checkpoint of the last step: nothing left to train
         super().__init__(*args, **kwargs)
+        zero3 = self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
+        self.own_loss = not token_metrics and lm_loss.install(self.model, zero3)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not self.own_loss or return_outputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        return lm_loss.loss(self, model, inputs, num_items_in_batch)
 
     def get_train_dataloader(self):
         # Not passed through accelerator.prepare: the stream already gives each rank its own blocks,
@@ -321,6 +330,7 @@ def build_trainer(cfg: Config) -> TrainSetup:
     model = models.load_model(cfg.model.name_or_path, cfg.model.revision, torch.float32)
     if t.model_dropout is not None:  # before peft adds its own (lora.dropout) modules
         models.set_dropout(model, t.model_dropout)
+    models.fused_gelu(model)  # training only: evaluate and generate run the model as published
     targets, fan_in_fan_out = models.lora_targets(model, cfg.lora.target_modules, listed=bool(cfg.lora.top_layers))
     peft_config = LoraConfig(
         r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, target_modules=targets,
@@ -336,7 +346,7 @@ def build_trainer(cfg: Config) -> TrainSetup:
 
     trainer = MedgenSFTTrainer(model=model, args=args, train_dataset=as_hf_iterable(dataset), processing_class=tok,
                                peft_config=peft_config, data_collator=collator, stream=dataset,
-                               loraplus_ratio=t.loraplus_lr_ratio)
+                               loraplus_ratio=t.loraplus_lr_ratio, token_metrics=t.token_metrics)
     if dist.deepspeed_requested(t.deepspeed) and not trainer.is_deepspeed_enabled:  # never plain DDP in its place
         raise UserError("train: DeepSpeed was asked for, but accelerate set up training without it")
     checker = validate.validator(cfg, manifest, tok.eos_token_id, rank, world, args.device)

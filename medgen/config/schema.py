@@ -211,6 +211,9 @@ class TrainConfig:
         "lora.dropout regularises the adapter where wanted.", ge=0, lt=1,
     )
     logging_steps: int = opt(1, "Log loss, lr and tokens/s every N steps.", gt=0)
+    token_metrics: bool = opt(False, "Also log TRL's entropy and mean_token_accuracy: a pass over the full vocabulary "
+                              "and three collectives plus a host sync every micro-batch (medgen/lm_loss.py); the loss "
+                              "and the adapter are the same either way.")
     validate: bool = opt(True, "Score the validation split during training (evaluate's exact method, eval.context/"
                          "stride/batch_size): validation loss and perplexity in the train log, TensorBoard and report.")
     eval_steps: int = opt(0, "Validate every N optimizer steps and at the last one; 0 = 5 times per run, fewer where "
