@@ -1,9 +1,13 @@
-"""Training throughput: medgen vs TRL's SFTConfig defaults, same model (GPT-2 124M, random init) and data.
+"""Training throughput and memory: medgen now vs medgen at another commit (--against), and vs TRL's SFTConfig
+defaults; same model and data in one run.
 
-Useful tokens = tokens that carry a loss (not padding). Both trainers are timed from the end of their
-first optimizer step to the end of the last, so start-up and the first step's warm-up are excluded.
+Useful tokens = tokens that carry a loss (not padding). Every trainer is timed from the end of its first optimizer
+step to the end of the last, so start-up and the first step's warm-up are excluded. Each medgen run is a process of
+its own, so its peak resident memory (CPU) or peak allocated memory (GPU) is its own; with --against, the two
+adapters' trainable weights are compared after the same steps.
 
     python bench/bench_train.py                      # CPU: medgen (precision auto) vs TRL defaults
+    python bench/bench_train.py --only medgen --against 72acc88 --batch 8 --max-length 1024 --model smollm2-135m
     python bench/bench_train.py --only trl --trl fp32,fp32-nockpt,fp32-nockpt-packed   # where TRL's time goes
     python bench/bench_train.py --device cuda        # GPU: bf16, 1024 tokens, MFU against 790 TFLOP/s
 """
@@ -21,8 +25,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from medgen.config import TrainConfig  # noqa: E402 (this checkout's medgen)
+sys.path.insert(0, str(ROOT))  # this checkout's medgen (a --worker puts the one it measures first)
 SAMPLE = ROOT.parent / "shared" / "data" / "medium" / "medium-articles-500.csv"
 PEAK_FLOPS = 790e12  # measured bf16 matmul on an H100 (shared/notes/device-facts.md)
 
@@ -60,12 +63,18 @@ class StepClock:
         return (n1 - n0) / (t1 - t0)
 
 
-def run_medgen(cfg_overrides: list[str], steps: int) -> float:
+def worker(spec_file: str) -> None:
+    """One medgen training in this process (``--worker``): the medgen under ``spec["root"]``, the config overrides
+    and steps of the spec; prints one JSON line: tokens/s, memory, the medgen measured, its adapter's file."""
+    spec = json.loads(Path(spec_file).read_text())
+    sys.path.insert(0, spec["root"])  # before medgen is imported: the checkout being measured
+    import medgen
     from medgen.config import load_config
     from medgen.train import build_trainer
 
-    cfg = load_config(str(ROOT / "configs" / "tiny.yaml"), cfg_overrides + [f"train.max_steps={steps}"])
-    trainer = build_trainer(cfg).trainer
+    cfg = load_config(str(ROOT / "configs" / "tiny.yaml"), spec["overrides"] + [f"train.max_steps={spec['steps']}"])
+    setup = build_trainer(cfg)
+    trainer = setup.trainer
     block = cfg.train.max_length * cfg.train.batch_size * cfg.train.grad_accum
     counter = {"n": 0}
     clock = StepClock([counter], lambda c: c["n"])
@@ -78,8 +87,60 @@ def run_medgen(cfg_overrides: list[str], steps: int) -> float:
 
     trainer.add_callback(Count())
     trainer.add_callback(clock.callback())
+    before = _rss_gb()
     trainer.train()
-    return clock.rate()
+    from safetensors.torch import save_file
+
+    save_file({n: p.detach().float().cpu().contiguous() for n, p in trainer.model.named_parameters() if p.requires_grad},
+              spec["adapter_out"])
+    cuda = torch.cuda.is_available()
+    print(json.dumps({"tokens_per_s": clock.rate(), "medgen": str(Path(medgen.__file__).parents[1]),
+                      "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else _peak_rss_gb(),
+                      "memory_before_train_gb": None if cuda else before, "adapter": spec["adapter_out"]}))
+
+
+def _rss_gb() -> float:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+
+def _peak_rss_gb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def run_medgen(root: Path, overrides: list[str], steps: int, work: Path, name: str) -> dict:
+    """A medgen training as a process of its own (its peak memory is its own)."""
+    spec = {"root": str(root), "overrides": overrides, "steps": steps,
+            "adapter_out": str(work / f"adapter-{name}.safetensors")}
+    spec_file = work / f"spec-{name}.json"
+    spec_file.write_text(json.dumps(spec))
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", str(spec_file)], cwd=ROOT,
+                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if proc.returncode != 0:
+        sys.exit(f"medgen ({name}) failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def checkout(ref: str, work: Path) -> Path:
+    """This repository's tree at ``ref`` (git archive: no worktree left behind)."""
+    out = work / f"medgen-{ref}"
+    out.mkdir()
+    archive = subprocess.run(["git", "archive", ref], cwd=ROOT, capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(out)], input=archive, check=True)
+    return out
+
+
+def adapter_difference(a: str, b: str) -> dict:
+    from safetensors.torch import load_file
+
+    x, y = load_file(a), load_file(b)
+    if x.keys() != y.keys():
+        return {"same_tensors": False}
+    diff = max(float((x[k] - y[k]).abs().max()) for k in x)
+    scale = max(float(x[k].abs().max()) for k in x)
+    return {"same_tensors": True, "bitwise": all(torch.equal(x[k], y[k]) for k in x), "max_abs_diff": diff,
+            "max_abs": scale}
 
 
 # TRL baselines: SFTConfig defaults, then one default at a time switched off, to show where the time goes.
@@ -93,7 +154,7 @@ TRL_VARIANTS = {
 
 
 def run_trl(model_dir: Path, texts: list[str], steps: int, batch: int, max_length: int, device: str,
-            overrides: dict) -> tuple[float, bool, bool]:
+            overrides: dict, lora_dropout: float) -> tuple[float, bool, bool]:
     import datasets
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -106,8 +167,8 @@ def run_trl(model_dir: Path, texts: list[str], steps: int, batch: int, max_lengt
     args = SFTConfig(output_dir=tempfile.mkdtemp(), max_steps=steps, per_device_train_batch_size=batch,
                      max_length=max_length, use_cpu=device == "cpu", report_to=[], save_strategy="no",
                      logging_steps=1000, disable_tqdm=True, **overrides)
-    # the same adapter as medgen's run: r 16, alpha 32, dropout 0.05 (also `trl sft`'s default lora_dropout)
-    peft = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=["c_attn", "c_proj", "c_fc"],
+    # the same adapter as medgen's run: r 16, alpha 32, the same dropout
+    peft = LoraConfig(r=16, lora_alpha=32, lora_dropout=lora_dropout, target_modules=["c_attn", "c_proj", "c_fc"],
                       fan_in_fan_out=True, task_type="CAUSAL_LM")
     ref = [None]
     clock = StepClock(ref, lambda t: t._total_train_tokens)
@@ -119,13 +180,23 @@ def run_trl(model_dir: Path, texts: list[str], steps: int, batch: int, max_lengt
 
 
 def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
+        return worker(sys.argv[2])
+    from medgen.config import LoraConfig, TrainConfig
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--model", default="gpt2-124m", choices=["gpt2-124m", "smollm2-135m"],
+                    help="gpt2-124m: GPT2Config() at random init; smollm2-135m: the offline built-in (pretrained)")
     ap.add_argument("--steps", type=int, default=4)
     # medgen's own defaults: what a user who changes nothing gets is what is measured
     ap.add_argument("--batch", type=int, default=TrainConfig().batch_size)
     ap.add_argument("--max-length", type=int, default=TrainConfig().max_length)
+    ap.add_argument("--lora-dropout", type=float, default=LoraConfig().dropout,
+                    help="LoRA dropout of every adapter measured, medgen's and TRL's (default: medgen's default)")
     ap.add_argument("--only", choices=["both", "medgen", "trl"], default="both")
+    ap.add_argument("--against", metavar="GIT_REF", default="",
+                    help="also measure medgen at this commit (same data, settings, steps) and compare the adapters")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="extra medgen config override, e.g. train.sft_args={torch_compile: true}")
     ap.add_argument("--sample", type=Path, default=SAMPLE, help="Kaggle-schema CSV of real articles")
@@ -136,7 +207,12 @@ def main() -> None:
     if not args.sample.exists():
         sys.exit(f"real Medium sample not found at {args.sample}")
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
-    model_dir = gpt2_124m(work / "gpt2-124m")
+    if args.model == "gpt2-124m":
+        model_dir = gpt2_124m(work / "gpt2-124m")
+    else:
+        from medgen.models import resolve
+
+        model_dir = Path(resolve(args.model))
     data = work / "data"
     subprocess.run([sys.executable, "-m", "medgen", "prepare", "--config", "configs/tiny.yaml", "-q",
                     f"run.dir={work}", f"data.source={args.sample}", f"model.name_or_path={model_dir}",
@@ -151,21 +227,31 @@ def main() -> None:
 
     # what `medgen train` picks (precision auto): fp32 on a CPU without avx512_bf16/AMX, where bf16 is emulated
     precision = "bf16" if args.device == "cuda" or cpu_has_fast_bf16() else "fp32"
-    ours = trl = None
+    # validation off: the training step is what is measured (bench_validation.py measures validation)
+    common = [f"data.shards={data}", f"model.name_or_path={model_dir}", f"train.batch_size={args.batch}",
+              f"train.max_length={args.max_length}", f"train.precision={precision}", "train.logging_steps=1000",
+              f"lora.dropout={args.lora_dropout}", "train.warmup_steps=1", "train.validate=false", *args.set]
+    ours, medgen_runs = None, {}
     if args.only in ("both", "medgen"):
-        ours = run_medgen([f"run.dir={work / 'run'}", f"data.shards={data}", f"model.name_or_path={model_dir}",
-                           f"train.batch_size={args.batch}", f"train.max_length={args.max_length}",
-                           f"train.precision={precision}", "train.logging_steps=1000", "lora.dropout=0.05",
-                           "train.warmup_steps=1", *args.set], args.steps)
+        roots = {"now": ROOT, **({args.against: checkout(args.against, work)} if args.against else {})}
+        for name, root in roots.items():
+            medgen_runs[name] = run_medgen(root, [f"run.dir={work / ('run-' + name)}", *common], args.steps, work,
+                                           name.replace("/", "_"))
+        ours = medgen_runs["now"]["tokens_per_s"]
+        if args.against:
+            then = medgen_runs[args.against]
+            medgen_runs["now"].update(
+                speedup=ours / then["tokens_per_s"], memory_ratio=medgen_runs["now"]["peak_memory_gb"] / then["peak_memory_gb"],
+                adapter_vs_then=adapter_difference(medgen_runs["now"]["adapter"], then["adapter"]))
     baselines = {}
     if args.only in ("both", "trl"):
         for name in args.trl.split(","):
             rate, bf16, ckpt = run_trl(model_dir, texts, args.trl_steps or args.steps, args.batch, args.max_length,
-                                       args.device, TRL_VARIANTS[name])
+                                       args.device, TRL_VARIANTS[name], args.lora_dropout)
             baselines[name] = {"tokens_per_s": rate, "bf16": bf16, "gradient_checkpointing": ckpt}
-    res = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+    res = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "model": args.model,
            "threads": torch.get_num_threads(), "batch": args.batch, "max_length": args.max_length,
-           "steps": args.steps, "medgen_precision": precision, "medgen_tokens_per_s": ours,
+           "steps": args.steps, "medgen_precision": precision, "medgen_tokens_per_s": ours, "medgen": medgen_runs,
            "trl": baselines, "overrides": args.set}
     if ours:
         for b in baselines.values():

@@ -1,54 +1,83 @@
-"""Where one LoRA training step of GPT-2 124M goes on this CPU: a torch.profiler table of one step.
+"""Where one of medgen's LoRA training steps goes: time and memory by operator (torch.profiler) of the last of
+``--steps`` steps of medgen's own trainer (build_trainer: TRL SFTTrainer, the fused LM head, medgen's callbacks),
+and the process's peak resident memory before and after training.
 
-    python bench/profile_train_step.py                    # base dropout 0.1 kept (the model's own)
-    python bench/profile_train_step.py --model-dropout 0  # medgen's default train.model_dropout
+    python bench/profile_train_step.py --model gpt2-124m --batch 4 --max-length 512
+    python bench/profile_train_step.py --model smollm2-135m --batch 8 --max-length 1024 --set train.token_metrics=true
 
-Random init, batch 4 x 512, LoRA r=16 on c_attn/c_proj/c_fc, fp32, SDPA attention; the last of three
-steps is profiled. Also prints a fp32 matmul rate, the ceiling for the matrix products.
+gpt2-124m is GPT2Config() at random init (speed and memory do not depend on the weights); smollm2-135m the offline
+built-in. Data: the real Medium sample, prepared once per model into a temporary folder. Also prints an fp32
+matmul rate, the ceiling for the matrix products.
 """
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from bench.bench_train import SAMPLE, _peak_rss_gb, _rss_gb, gpt2_124m  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model-dropout", type=float, default=None, help="dropout inside the base (default: keep 0.1)")
-    ap.add_argument("--lora-dropout", type=float, default=0.05)
-    ap.add_argument("--rows", type=int, default=14, help="profiler rows to print")
+    ap.add_argument("--model", default="gpt2-124m", choices=["gpt2-124m", "smollm2-135m"])
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--max-length", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=2, help="steps; the last one is profiled")
+    ap.add_argument("--rows", type=int, default=15, help="profiler rows to print")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="medgen config override")
+    ap.add_argument("--sample", type=Path, default=SAMPLE)
     args = ap.parse_args()
-    from peft import LoraConfig, get_peft_model
+    os.environ["HF_HUB_OFFLINE"] = "1"
     from torch.profiler import ProfilerActivity, profile
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import TrainerCallback
 
-    from medgen.models import set_dropout
+    from medgen.config import load_config
+    from medgen.models import resolve
+    from medgen.train import build_trainer
 
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(attn_implementation="sdpa"))
-    if args.model_dropout is not None:
-        set_dropout(model, args.model_dropout)
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=args.lora_dropout, fan_in_fan_out=True,
-                                             target_modules=["c_attn", "c_proj", "c_fc"], task_type="CAUSAL_LM"))
-    model.train()
-    ids = torch.randint(0, model.config.vocab_size, (4, 512))
+    work = Path(tempfile.mkdtemp(prefix="profile-train-"))
+    model_dir = gpt2_124m(work / "model") if args.model == "gpt2-124m" else Path(resolve(args.model))
+    subprocess.run([sys.executable, "-m", "medgen", "prepare", "--config", "configs/tiny.yaml", "-q",
+                    f"run.dir={work}", f"data.source={args.sample}", f"model.name_or_path={model_dir}",
+                    "data.num_shards=1"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    cfg = load_config(str(ROOT / "configs" / "tiny.yaml"), [
+        f"run.dir={work / 'run'}", f"data.shards={work / 'data'}", f"model.name_or_path={model_dir}",
+        f"train.batch_size={args.batch}", f"train.max_length={args.max_length}", f"train.max_steps={args.steps}",
+        "train.precision=auto", "train.validate=false", "train.logging_steps=1000", *args.set])
+    setup = build_trainer(cfg)
+    loaded = _rss_gb()
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    seconds = {}
 
-    def step():
-        model(input_ids=ids, labels=ids).loss.backward()
+    class Profile(TrainerCallback):
+        def on_step_begin(self, a, state, control, **kw):
+            if state.global_step == args.steps - 1:
+                seconds["t0"] = time.perf_counter()
+                prof.start()
 
-    step(), step()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        t0 = time.perf_counter()
-        step()
-        seconds = time.perf_counter() - t0
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
-    print(f"step: {seconds:.1f} s (profiled) = {ids.numel() / seconds:.0f} tokens/s")
+        def on_step_end(self, a, state, control, **kw):
+            if state.global_step == args.steps:
+                prof.stop()
+                seconds["step"] = time.perf_counter() - seconds["t0"]
+
+    setup.trainer.add_callback(Profile())
+    setup.trainer.train()
+    table = prof.key_averages()
+    print(table.table(sort_by="self_cpu_time_total", row_limit=args.rows))
+    print(table.table(sort_by="self_cpu_memory_usage", row_limit=8))
+    tokens = args.batch * args.max_length
+    print(f"{args.model}, {args.batch} x {args.max_length}, precision {setup.precision}, overrides {args.set}")
+    print(f"step: {seconds['step']:.1f} s (profiled) = {tokens / seconds['step']:.0f} tokens/s")
+    print(f"resident memory: {loaded:.2f} GB with the model loaded, peak {_peak_rss_gb():.2f} GB")
     a, b = torch.randn(2048, 768), torch.randn(768, 3072)
     for _ in range(3):
         a @ b
