@@ -35,20 +35,24 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=15, help="profiler rows to print")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="medgen config override")
     ap.add_argument("--sample", type=Path, default=SAMPLE)
+    ap.add_argument("--root", type=Path, default=ROOT, help="the medgen checkout to profile (e.g. an older commit's "
+                    "tree from `git archive`); the data is prepared with this one")
     args = ap.parse_args()
+    sys.path.insert(0, str(args.root))  # before medgen is first imported: every medgen module is --root's
     os.environ["HF_HUB_OFFLINE"] = "1"
     from torch.profiler import ProfilerActivity, profile
     from transformers import TrainerCallback
 
-    from medgen.config import load_config
     from medgen.models import resolve
-    from medgen.train import build_trainer
 
     work = Path(tempfile.mkdtemp(prefix="profile-train-"))
     model_dir = gpt2_124m(work / "model") if args.model == "gpt2-124m" else Path(resolve(args.model))
     subprocess.run([sys.executable, "-m", "medgen", "prepare", "--config", "configs/tiny.yaml", "-q",
                     f"run.dir={work}", f"data.source={args.sample}", f"model.name_or_path={model_dir}",
                     "data.num_shards=1"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    from medgen.config import load_config
+    from medgen.train import build_trainer
+
     cfg = load_config(str(ROOT / "configs" / "tiny.yaml"), [
         f"run.dir={work / 'run'}", f"data.shards={work / 'data'}", f"model.name_or_path={model_dir}",
         f"train.batch_size={args.batch}", f"train.max_length={args.max_length}", f"train.max_steps={args.steps}",
@@ -75,7 +79,10 @@ def main() -> None:
     print(table.table(sort_by="self_cpu_time_total", row_limit=args.rows))
     print(table.table(sort_by="self_cpu_memory_usage", row_limit=8))
     tokens = args.batch * args.max_length
-    print(f"{args.model}, {args.batch} x {args.max_length}, precision {setup.precision}, overrides {args.set}")
+    import medgen
+
+    print(f"{args.model}, {args.batch} x {args.max_length}, precision {setup.precision}, overrides {args.set}, "
+          f"medgen from {Path(medgen.__file__).parents[1]}")
     print(f"step: {seconds['step']:.1f} s (profiled) = {tokens / seconds['step']:.0f} tokens/s")
     print(f"resident memory: {loaded:.2f} GB with the model loaded, peak {_peak_rss_gb():.2f} GB")
     a, b = torch.randn(2048, 768), torch.randn(768, 3072)
