@@ -93,21 +93,18 @@ def worker(spec_file: str) -> None:
 
     save_file({n: p.detach().float().cpu().contiguous() for n, p in trainer.model.named_parameters() if p.requires_grad},
               spec["adapter_out"])
-    cuda = torch.cuda.is_available()
+    from medgen.throughput import peak_memory_gb  # what train_log.jsonl reports: GPU allocated, or CPU resident
+
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    device = trainer.args.device
     print(json.dumps({"tokens_per_s": clock.rate(), "medgen": str(Path(medgen.__file__).parents[1]), "losses": losses,
-                      "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else _peak_rss_gb(),
-                      "memory_before_train_gb": None if cuda else before, "adapter": spec["adapter_out"]}))
+                      "peak_memory_gb": peak_memory_gb(device),
+                      "memory_before_train_gb": None if device.type == "cuda" else before,
+                      "adapter": spec["adapter_out"]}))
 
 
 def _rss_gb() -> float:
     return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
-
-
-def _peak_rss_gb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def run_medgen(root: Path, overrides: list[str], steps: int, work: Path, name: str) -> dict:

@@ -23,7 +23,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.bench_train import SAMPLE, _peak_rss_gb, _rss_gb, gpt2_124m  # noqa: E402
+from bench.bench_train import SAMPLE, _rss_gb, gpt2_124m  # noqa: E402
 
 
 def main() -> None:
@@ -84,7 +84,10 @@ def main() -> None:
     print(f"{args.model}, {args.batch} x {args.max_length}, precision {setup.precision}, overrides {args.set}, "
           f"medgen from {Path(medgen.__file__).parents[1]}")
     print(f"step: {seconds['step']:.1f} s (profiled) = {tokens / seconds['step']:.0f} tokens/s")
-    print(f"resident memory: {loaded:.2f} GB with the model loaded, peak {_peak_rss_gb():.2f} GB")
+    from medgen.throughput import peak_memory_gb
+
+    print(f"resident memory: {loaded:.2f} GB with the model loaded, "
+          f"peak {peak_memory_gb(torch.device('cpu')):.2f} GB")
     a, b = torch.randn(2048, 768), torch.randn(768, 3072)
     for _ in range(3):
         a @ b

@@ -88,7 +88,6 @@ def start_moto(host: str, env: dict | None = None) -> tuple[subprocess.Popen, st
     authentication error is an answer); ``env``: added to its environment."""
     no_services_in_the_fast_tier("the S3 server")
     import shutil
-    import socket
     import time
     import urllib.error
     import urllib.request
@@ -96,9 +95,7 @@ def start_moto(host: str, env: dict | None = None) -> tuple[subprocess.Popen, st
     exe = shutil.which("moto_server") or str(Path(sys.executable).with_name("moto_server"))
     if not Path(exe).exists():
         raise RuntimeError("moto_server is not installed: run `make install`")
-    with socket.socket() as s:
-        s.bind((host, 0))
-        port = s.getsockname()[1]
+    port = free_port(host)
     proc = subprocess.Popen([exe, "-H", host, "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, **(env or {})})
     endpoint = f"http://{host}:{port}"
