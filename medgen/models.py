@@ -205,23 +205,6 @@ def set_dropout(model, p: float) -> int:
     return changed
 
 
-def fused_gelu(model) -> int:
-    """Replace GPT-2's ``gelu_new`` (the tanh-approximate GELU written as five tensor operations, each kept for
-    backward: the largest activations of a training step) by torch's fused kernel of the same function
-    (``F.gelu(approximate="tanh")``); the number replaced. Same function, other rounding: within 5e-7 of each other
-    on [-50, 50] in fp32 (3e-8 relative), one bf16 ulp under bf16; 5x faster on a CPU (bench/RESULTS.md).
-    Modules, not the config: the saved config stays the model's own."""
-    from transformers.activations import ACT2FN, NewGELUActivation
-
-    replaced = 0
-    for module in model.modules():
-        for name, child in module.named_children():
-            if type(child) is NewGELUActivation:
-                setattr(module, name, ACT2FN["gelu_pytorch_tanh"])
-                replaced += 1
-    return replaced
-
-
 def lora_targets(model, configured: list[str], listed: bool = False) -> tuple[list[str] | str, bool]:
     """(target_modules, fan_in_fan_out) for this architecture unless the config names targets; ``listed``
     spells "all-linear" out as names (peft takes layer indices only with a list)."""

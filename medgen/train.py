@@ -25,8 +25,8 @@ import torch
 from transformers import TrainerCallback
 from trl import SFTTrainer
 
-from medgen import (atomic, dist, elastic, lm_loss, models, provenance, throughput, tracking, train_args, validate,
-                    watchdog)
+from medgen import (atomic, dist, elastic, lm_loss, memory, models, provenance, throughput, tracking, train_args,
+                    validate, watchdog)
 from medgen.checkpoint import Checkpoints
 from medgen.config import Config
 from medgen.data import shards, storage
@@ -313,6 +313,9 @@ class TrainSetup:
 def build_trainer(cfg: Config) -> TrainSetup:
     from peft import LoraConfig
 
+    if cfg.train.release_memory and not memory.release_freed_memory():
+        log.warning("train.release_memory: left to the allocator the environment chose (MALLOC_MMAP_THRESHOLD_, a "
+                    "preloaded allocator, or no glibc)")
     tok = models.load_tokenizer(cfg.model.name_or_path, cfg.model.revision)
     manifest = shards.read_manifest(cfg.shards_url, cfg.data.storage_options, cfg.data.retry_seconds)
     shards.check_tokenizer(manifest, models.tokenizer_fingerprint(tok), cfg.model.name_or_path, cfg.shards_url)
@@ -330,7 +333,9 @@ def build_trainer(cfg: Config) -> TrainSetup:
     model = models.load_model(cfg.model.name_or_path, cfg.model.revision, torch.float32)
     if t.model_dropout is not None:  # before peft adds its own (lora.dropout) modules
         models.set_dropout(model, t.model_dropout)
-    models.fused_gelu(model)  # training only: evaluate and generate run the model as published
+    # training only (evaluate and generate run the model as published): the same numbers, fewer saved activations
+    memory.fused_gelu(model)
+    memory.fused_swiglu(model)
     targets, fan_in_fan_out = models.lora_targets(model, cfg.lora.target_modules, listed=bool(cfg.lora.top_layers))
     peft_config = LoraConfig(
         r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, target_modules=targets,
@@ -347,6 +352,7 @@ def build_trainer(cfg: Config) -> TrainSetup:
     trainer = MedgenSFTTrainer(model=model, args=args, train_dataset=as_hf_iterable(dataset), processing_class=tok,
                                peft_config=peft_config, data_collator=collator, stream=dataset,
                                loraplus_ratio=t.loraplus_lr_ratio, token_metrics=t.token_metrics)
+    memory.shared_lora_input(trainer.model)  # the LoRA layers exist now
     if dist.deepspeed_requested(t.deepspeed) and not trainer.is_deepspeed_enabled:  # never plain DDP in its place
         raise UserError("train: DeepSpeed was asked for, but accelerate set up training without it")
     checker = validate.validator(cfg, manifest, tok.eos_token_id, rank, world, args.device)

@@ -1,0 +1,179 @@
+"""What a training step keeps in memory, and how much of it the process holds on to.
+
+A LoRA step's memory is the activations autograd saves for backward (the frozen model's weights are a fraction
+of it: at 8 x 1024 tokens, SmolLM2-135M saves 7 GB for 0.5 GB of weights). Each change here keeps the step's
+numbers: the forward computes the same values, the backward the same gradients (tests/test_memory.py compares
+them bit for bit against the unchanged model); bench/RESULTS.md has the measurements.
+
+- ``release_freed_memory`` (``train.release_memory``, off by default): on a CPU, glibc keeps the blocks a step
+  frees in its heap (its mmap threshold grows to 32 MB once a large block is freed) and the heap fragments: one
+  SmolLM2 step at 8 x 1024 allocates and frees 65 GB in blocks of 1 MB and more, and the resident memory peaked
+  at 1.5x what was live. A fixed threshold gives every large block back when freed: the peak is what is live,
+  but every new block is page-faulted in again, 1.6-1.9x slower steps on our machine (bench/RESULTS.md).
+- ``fused_gelu`` (GPT-2): ``gelu_new`` is five tensor operations, each saved for backward; torch's fused tanh GELU
+  is the same function in one (other rounding: within 5e-7 in fp32, one bf16 ulp).
+- ``fused_swiglu`` (Llama-family MLPs): ``down(silu(gate(x)) * up(x))`` saved gate, silu(gate) and up; the fused
+  product saves gate and up and recomputes silu(gate) in backward, with the same kernels (bit for bit).
+- ``shared_lora_input``: under autocast every LoRA A matrix casts its layer input to bf16 and saves that copy;
+  q, k and v (and gate and up) read the same input, so three (two) identical copies were saved. They now share
+  one, and each branch's gradient is still cast back and summed in fp32, as autocast's own casts do (bit for bit).
+"""
+from __future__ import annotations
+
+import ctypes
+import inspect
+import logging
+import os
+import platform
+import weakref
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+MMAP_THRESHOLD = 1 << 20  # bytes: blocks this large or larger are mapped and unmapped, never kept in the heap
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
+_OTHER_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
+
+
+def release_freed_memory() -> bool:
+    """Have glibc's malloc give blocks of 1 MiB and more back to the system when they are freed (mallopt
+    M_MMAP_THRESHOLD, which also stops glibc from raising the threshold by itself); True if set. The least
+    resident memory, at the cost of a page fault per 4 KB of every large block allocated afterwards.
+
+    Left alone where the user chose: ``MALLOC_MMAP_THRESHOLD_`` in the environment, or jemalloc, tcmalloc or
+    mimalloc preloaded; and where there is no glibc."""
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") or any(a in os.environ.get("LD_PRELOAD", "")
+                                                       for a in _OTHER_ALLOCATORS):
+        return False
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        return ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
+    except (OSError, AttributeError):
+        return False
+
+def fused_gelu(model) -> int:
+    """Replace GPT-2's ``gelu_new`` (the tanh-approximate GELU written as five tensor operations, each kept for
+    backward: the largest activations of a training step) by torch's fused kernel of the same function
+    (``F.gelu(approximate="tanh")``); the number replaced. Same function, other rounding: within 5e-7 of each other
+    on [-50, 50] in fp32 (3e-8 relative), one bf16 ulp under bf16; 5x faster on a CPU (bench/RESULTS.md).
+    Modules, not the config: the saved config stays the model's own."""
+    from transformers.activations import ACT2FN, NewGELUActivation
+
+    replaced = 0
+    for module in model.modules():
+        for name, child in module.named_children():
+            if type(child) is NewGELUActivation:
+                setattr(module, name, ACT2FN["gelu_pytorch_tanh"])
+                replaced += 1
+    return replaced
+
+
+class SiluMul(torch.autograd.Function):
+    """``silu(gate) * up``, saving gate and up only: silu(gate) is recomputed in backward (one elementwise kernel)
+    instead of kept. The gradients are the ones autograd computes for the two operations, with the same kernels:
+    d up = grad * silu(gate); d gate = silu_backward(grad * up, gate)."""
+
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        gate, up = ctx.saved_tensors
+        d_gate = torch.ops.aten.silu_backward(grad * up, gate) if ctx.needs_input_grad[0] else None
+        d_up = grad * F.silu(gate) if ctx.needs_input_grad[1] else None
+        return d_gate, d_up
+
+
+# The Llama-family MLP whose forward fused_swiglu replaces: its one statement, as transformers writes it.
+_SWIGLU = "self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))"
+
+
+def _swiglu_forward(self, x: torch.Tensor) -> torch.Tensor:
+    return self.down_proj(SiluMul.apply(self.gate_proj(x), self.up_proj(x)))
+
+
+def _is_swiglu(module) -> bool:
+    from transformers.activations import SiLUActivation
+
+    if not all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj")) or \
+            type(getattr(module, "act_fn", None)) not in (SiLUActivation, torch.nn.SiLU):
+        return False
+    try:
+        source = inspect.getsource(type(module).forward)
+    except (OSError, TypeError):
+        return False
+    body = [line.strip() for line in source.splitlines()[1:] if line.strip() and not line.strip().startswith("#")]
+    # ``down_proj = <expr>; return down_proj`` or ``return <expr>``: nothing else in the forward
+    return body in (["down_proj = " + _SWIGLU, "return down_proj"], ["return " + _SWIGLU])
+
+
+def fused_swiglu(model) -> int:
+    """Run every Llama-family MLP (exactly ``down(silu(gate(x)) * up(x))``) through ``SiluMul``; the number of
+    MLPs changed. An instance's forward, not the class's: evaluate and generate load their own model."""
+    import types
+
+    changed = 0
+    for module in model.modules():
+        if _is_swiglu(module):
+            module.forward = types.MethodType(_swiglu_forward, module)
+            changed += 1
+    return changed
+
+
+class SharedCast(torch.autograd.Function):
+    """One reader's view of ``copy``, the autocast-dtype copy of ``x`` made once for all its readers. Backward casts
+    this reader's gradient back to x's dtype, as autocast's own cast (ToCopyBackward) does, so the readers'
+    gradients still add up in x's precision."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, copy: torch.Tensor) -> torch.Tensor:
+        ctx.dtype = x.dtype
+        return copy.view_as(copy)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad.to(ctx.dtype), None
+
+
+class _LastCast:
+    """A forward pre-hook for LoRA A layers: their input as a view of one shared autocast-dtype copy. The copy of
+    the last input seen is kept (q, k and v, or gate and up, read the same input one after the other); a new
+    input, or the same one changed in place, gets a new copy."""
+
+    def __init__(self):
+        self.source = self.copy = None  # weakrefs: to the input, and to its copy (alive while a graph saves it)
+        self.version = -1
+
+    def __call__(self, module, args):
+        x = args[0]
+        device = x.device.type
+        if not (torch.is_grad_enabled() and torch.is_autocast_enabled(device) and x.is_floating_point()):
+            return None
+        dtype = torch.get_autocast_dtype(device)
+        if x.dtype == dtype or not isinstance(module, torch.nn.Linear):
+            return None
+        copy = self.copy() if self.copy is not None else None
+        if copy is None or self.source() is not x or self.version != x._version:
+            copy = x.detach().to(dtype)
+            self.source, self.version, self.copy = weakref.ref(x), x._version, weakref.ref(copy)
+        return (SharedCast.apply(x, copy), *args[1:])
+
+
+def shared_lora_input(model) -> int:
+    """Give every LoRA A layer under ``model`` (after peft wrapped it) the shared-cast pre-hook; the number of
+    layers. Without autocast, with no gradient, or for inputs already in the autocast dtype it does nothing."""
+    from peft.tuners.lora import LoraLayer
+
+    hook, hooked = _LastCast(), 0
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            for a in module.lora_A.values():
+                a.register_forward_pre_hook(hook)
+                hooked += 1
+    return hooked
+
