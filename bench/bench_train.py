@@ -41,6 +41,27 @@ def gpt2_124m(out: Path) -> Path:
     return out
 
 
+def step_setup(model: str, batch: int, max_length: int, steps: int, overrides: list[str], sample: Path = SAMPLE,
+               prefix: str = "bench-train-"):
+    """medgen's build_trainer for ``model`` (gpt2-124m or a built-in) on ``sample``, prepared into a temporary folder,
+    at batch x max_length for ``steps`` steps: medgen's defaults (precision auto), no validation, plus ``overrides``.
+    What profile_train_step.py and step_memory.py measure; medgen is whichever is first on sys.path."""
+    from medgen.config import load_config
+    from medgen.models import resolve
+    from medgen.train import build_trainer
+
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    model_dir = gpt2_124m(work / "model") if model == "gpt2-124m" else Path(resolve(model))
+    subprocess.run([sys.executable, "-m", "medgen", "prepare", "--config", "configs/tiny.yaml", "-q",
+                    f"run.dir={work}", f"data.source={sample}", f"model.name_or_path={model_dir}",
+                    "data.num_shards=1"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    cfg = load_config(str(ROOT / "configs" / "tiny.yaml"), [
+        f"run.dir={work / 'run'}", f"data.shards={work / 'data'}", f"model.name_or_path={model_dir}",
+        f"train.batch_size={batch}", f"train.max_length={max_length}", f"train.max_steps={steps}",
+        "train.precision=auto", "train.validate=false", *overrides])
+    return build_trainer(cfg)
+
+
 class StepClock:
     def __init__(self, trainer_ref, useful):
         self.ref, self.useful, self.marks = trainer_ref, useful, []

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -23,7 +21,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.bench_train import SAMPLE, _rss_gb, gpt2_124m  # noqa: E402
+from bench.bench_train import SAMPLE, _rss_gb, step_setup  # noqa: E402
 
 
 def main() -> None:
@@ -43,21 +41,8 @@ def main() -> None:
     from torch.profiler import ProfilerActivity, profile
     from transformers import TrainerCallback
 
-    from medgen.models import resolve
-
-    work = Path(tempfile.mkdtemp(prefix="profile-train-"))
-    model_dir = gpt2_124m(work / "model") if args.model == "gpt2-124m" else Path(resolve(args.model))
-    subprocess.run([sys.executable, "-m", "medgen", "prepare", "--config", "configs/tiny.yaml", "-q",
-                    f"run.dir={work}", f"data.source={args.sample}", f"model.name_or_path={model_dir}",
-                    "data.num_shards=1"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
-    from medgen.config import load_config
-    from medgen.train import build_trainer
-
-    cfg = load_config(str(ROOT / "configs" / "tiny.yaml"), [
-        f"run.dir={work / 'run'}", f"data.shards={work / 'data'}", f"model.name_or_path={model_dir}",
-        f"train.batch_size={args.batch}", f"train.max_length={args.max_length}", f"train.max_steps={args.steps}",
-        "train.precision=auto", "train.validate=false", "train.logging_steps=1000", *args.set])
-    setup = build_trainer(cfg)
+    setup = step_setup(args.model, args.batch, args.max_length, args.steps, ["train.logging_steps=1000", *args.set],
+                       args.sample, prefix="profile-train-")
     loaded = _rss_gb()
     prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
     seconds = {}

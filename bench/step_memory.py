@@ -15,9 +15,7 @@ from __future__ import annotations
 import argparse
 import collections
 import os
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,7 +23,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.bench_train import SAMPLE, gpt2_124m  # noqa: E402
+from bench.bench_train import step_setup  # noqa: E402
 
 
 def saved_bytes(loss: torch.Tensor) -> collections.Counter:
@@ -70,20 +68,7 @@ def main() -> None:
     args = ap.parse_args()
     sys.path.insert(0, str(args.root))  # before medgen is first imported
     os.environ["HF_HUB_OFFLINE"] = "1"
-    from medgen.config import load_config
-    from medgen.models import resolve
-    from medgen.train import build_trainer
-
-    work = Path(tempfile.mkdtemp(prefix="step-memory-"))
-    model_dir = gpt2_124m(work / "model") if args.model == "gpt2-124m" else Path(resolve(args.model))
-    subprocess.run([sys.executable, "-m", "medgen", "prepare", "--config", "configs/tiny.yaml", "-q",
-                    f"run.dir={work}", f"data.source={SAMPLE}", f"model.name_or_path={model_dir}",
-                    "data.num_shards=1"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
-    cfg = load_config(str(ROOT / "configs" / "tiny.yaml"), [
-        f"run.dir={work / 'run'}", f"data.shards={work / 'data'}", f"model.name_or_path={model_dir}",
-        f"train.batch_size={args.batch}", f"train.max_length={args.max_length}", "train.max_steps=1",
-        "train.precision=auto", "train.validate=false", *args.set])
-    setup = build_trainer(cfg)
+    setup = step_setup(args.model, args.batch, args.max_length, 1, args.set, prefix="step-memory-")
     trainer, model = setup.trainer, setup.trainer.model
     model.train()
     batch = {k: v for k, v in next(iter(trainer.get_train_dataloader())).items() if torch.is_tensor(v)}
