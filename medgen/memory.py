@@ -9,7 +9,7 @@ them bit for bit against the unchanged model); bench/RESULTS.md has the measurem
   frees in its heap (its mmap threshold grows to 32 MB once a large block is freed) and the heap fragments: one
   SmolLM2 step at 8 x 1024 allocates and frees 65 GB in blocks of 1 MB and more, and the resident memory peaked
   at 1.5x what was live. A fixed threshold gives every large block back when freed: the peak is what is live,
-  but every new block is page-faulted in again, 1.6-1.9x slower steps on our machine (bench/RESULTS.md).
+  but every new block is page-faulted in again: 1.3-1.7x slower steps on our machine (bench/RESULTS.md).
 - ``fused_gelu`` (GPT-2): ``gelu_new`` is five tensor operations, each saved for backward; torch's fused tanh GELU
   is the same function in one (other rounding: within 5e-7 in fp32, one bf16 ulp).
 - ``fused_swiglu`` (Llama-family MLPs): ``down(silu(gate(x)) * up(x))`` saved gate, silu(gate) and up; the fused
@@ -53,6 +53,7 @@ def release_freed_memory() -> bool:
         return ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
     except (OSError, AttributeError):
         return False
+
 
 def fused_gelu(model) -> int:
     """Replace GPT-2's ``gelu_new`` (the tanh-approximate GELU written as five tensor operations, each kept for

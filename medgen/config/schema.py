@@ -206,8 +206,8 @@ class TrainConfig:
     deepspeed: str = opt("", "DeepSpeed config JSON (e.g. configs/deepspeed/zero2.json); '' = plain DDP.")
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward (saves memory, costs ~30% speed).")
     release_memory: bool = opt(False, "CPU: give memory the step frees back to the system at once (glibc's mmap "
-                               "threshold fixed at 1 MiB): the peak resident memory is what is live (0.63x at "
-                               "8 x 1024 tokens), every step slower by its page faults (medgen/memory.py).")
+                               "threshold fixed at 1 MiB): the peak resident memory is what is live (0.64-0.75x "
+                               "at 8 x 1024 tokens), every step slower by its page faults (medgen/memory.py).")
     model_dropout: Optional[float] = opt(
         0.0, "Dropout inside the frozen base model while fine-tuning (GPT-2 ships 0.1); null keeps the model's own. "
         "0 as in torchtune and litgpt: attention runs fused and no random mask is drawn (bench/RESULTS.md); "
