@@ -1,9 +1,10 @@
 """What a training step keeps in memory, and how much of it the process holds on to.
 
 A LoRA step's memory is the activations autograd saves for backward (the frozen model's weights are a fraction
-of it: at 8 x 1024 tokens, SmolLM2-135M saves 7 GB for 0.5 GB of weights). Each change here keeps the step's
-numbers: the forward computes the same values, the backward the same gradients (tests/test_memory.py compares
-them bit for bit against the unchanged model); bench/RESULTS.md has the measurements.
+of it: at 8 x 1024 tokens, SmolLM2-135M saves 7 GB for 0.5 GB of weights). fused_swiglu and shared_lora_input
+keep the step's numbers: the same forward values and gradients, bit for bit (tests/test_memory.py compares them
+against the unchanged model); fused_gelu is the same function with other rounding; release_freed_memory changes
+no number. bench/RESULTS.md has the measurements.
 
 - ``release_freed_memory`` (``train.release_memory``, off by default): on a CPU, glibc keeps the blocks a step
   frees in its heap (its mmap threshold grows to 32 MB once a large block is freed) and the heap fragments: one
@@ -25,6 +26,7 @@ import inspect
 import logging
 import os
 import platform
+import types
 import weakref
 
 import torch
@@ -116,8 +118,6 @@ def _is_swiglu(module) -> bool:
 def fused_swiglu(model) -> int:
     """Run every Llama-family MLP (exactly ``down(silu(gate(x)) * up(x))``) through ``SiluMul``; the number of
     MLPs changed. An instance's forward, not the class's: evaluate and generate load their own model."""
-    import types
-
     changed = 0
     for module in model.modules():
         if _is_swiglu(module):
@@ -177,4 +177,3 @@ def shared_lora_input(model) -> int:
                 a.register_forward_pre_hook(hook)
                 hooked += 1
     return hooked
-
