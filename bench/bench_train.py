@@ -50,6 +50,7 @@ def step_setup(model: str, batch: int, max_length: int, steps: int, overrides: l
     from medgen.models import resolve
     from medgen.train import build_trainer
 
+    medgens_allocator(overrides)
     work = Path(tempfile.mkdtemp(prefix=prefix))
     model_dir = gpt2_124m(work / "model") if model == "gpt2-124m" else Path(resolve(model))
     subprocess.run([sys.executable, "-m", "medgen", "prepare", "--config", "configs/tiny.yaml", "-q",
@@ -60,6 +61,18 @@ def step_setup(model: str, batch: int, max_length: int, steps: int, overrides: l
         f"train.batch_size={batch}", f"train.max_length={max_length}", f"train.max_steps={steps}",
         "train.precision=auto", "train.validate=false", *overrides])
     return build_trainer(cfg)
+
+
+def medgens_allocator(overrides: list[str]) -> None:
+    """Run this process on the malloc medgen's command line would (run.allocator, medgen/allocator.py): may start
+    this script again, with jemalloc preloaded. A medgen from before run.allocator: the system's malloc, as then."""
+    from medgen.config import load_config
+
+    run = load_config(str(ROOT / "configs" / "tiny.yaml"), list(overrides)).run
+    if hasattr(run, "allocator"):
+        from medgen import allocator
+
+        allocator.ensure(run.allocator)
 
 
 class StepClock:
@@ -93,6 +106,7 @@ def worker(spec_file: str) -> None:
     from medgen.config import load_config
     from medgen.train import build_trainer
 
+    medgens_allocator(spec["overrides"])
     cfg = load_config(str(ROOT / "configs" / "tiny.yaml"), spec["overrides"] + [f"train.max_steps={spec['steps']}"])
     setup = build_trainer(cfg)
     trainer = setup.trainer
@@ -118,7 +132,10 @@ def worker(spec_file: str) -> None:
 
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     device = trainer.args.device
+    maps = Path("/proc/self/maps").read_text()
+    malloc = next((m for m in ("jemalloc", "tcmalloc", "mimalloc") if f"/lib{m}" in maps), "system")
     print(json.dumps({"tokens_per_s": clock.rate(), "medgen": str(Path(medgen.__file__).parents[1]), "losses": losses,
+                      "malloc": malloc,
                       "peak_memory_gb": peak_memory_gb(device),
                       "memory_before_train_gb": None if device.type == "cuda" else before,
                       "adapter": spec["adapter_out"]}))

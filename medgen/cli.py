@@ -20,6 +20,8 @@ STAGE_HELP = {
     "validate": "check a config and print it fully resolved",
     "config": "print the configuration reference (--doc)",
 }
+# the commands that run a model in this process: their malloc is run.allocator's (medgen/allocator.py)
+MODEL_COMMANDS = ("train", "evaluate", "generate", "run", "sweep")
 STATUS_HELP = ("state of each stage of a SLURM chain (sacct), of each point and stage of a sweep, or of a run.dir run on "
                "this machine; the failed one, its error and its log")
 
@@ -66,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     args.overrides = [*getattr(args, "overrides", []), *rest]
+    args.own_process = argv is None  # the medgen command itself, not main([...]) called in someone else's process
     try:
         with logging_for(args.quiet, args.debug):
             return _dispatch(args)
@@ -120,6 +123,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(text)
         return code
     cfg = config.load_config(args.config, args.overrides)
+    if args.own_process and args.command in MODEL_COMMANDS and getattr(args, "executor", "local") == "local" \
+            and not getattr(args, "dry_run", False):
+        from medgen import allocator
+
+        allocator.ensure(cfg.run.allocator)  # may start this command again with jemalloc preloaded
     if args.command == "sweep":
         return _sweep(cfg, args)
     if args.command == "validate":

@@ -1,16 +1,11 @@
-"""What a training step keeps in memory, and how much of it the process holds on to.
+"""What a training step keeps in memory for backward.
 
 A LoRA step's memory is the activations autograd saves for backward (the frozen model's weights are a fraction
 of it: at 8 x 1024 tokens, SmolLM2-135M saves 7 GB for 0.5 GB of weights). fused_swiglu and shared_lora_input
 keep the step's numbers: the same forward values and gradients, bit for bit (tests/test_memory.py compares them
-against the unchanged model); fused_gelu is the same function with other rounding; release_freed_memory changes
-no number. bench/RESULTS.md has the measurements.
+against the unchanged model); fused_gelu is the same function with other rounding. bench/RESULTS.md has the
+measurements. How much of the memory a step frees the process holds on to is the allocator's (medgen/allocator.py).
 
-- ``release_freed_memory`` (``train.release_memory``, off by default): on a CPU, glibc keeps the blocks a step
-  frees in its heap (its mmap threshold grows to 32 MB once a large block is freed) and the heap fragments: one
-  SmolLM2 step at 8 x 1024 allocates and frees 65 GB in blocks of 1 MB and more, and the resident memory peaked
-  at 1.5x what was live. A fixed threshold gives every large block back when freed: the peak is what is live,
-  but every new block is page-faulted in again: 1.3-1.7x slower steps on our machine (bench/RESULTS.md).
 - ``fused_gelu`` (GPT-2): ``gelu_new`` is five tensor operations, each saved for backward; torch's fused tanh GELU
   is the same function in one (other rounding: within 5e-7 in fp32, one bf16 ulp).
 - ``fused_swiglu`` (Llama-family MLPs): ``down(silu(gate(x)) * up(x))`` saved gate, silu(gate) and up; the fused
@@ -21,11 +16,8 @@ no number. bench/RESULTS.md has the measurements.
 """
 from __future__ import annotations
 
-import ctypes
 import inspect
 import logging
-import os
-import platform
 import types
 import weakref
 
@@ -33,28 +25,6 @@ import torch
 import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
-
-MMAP_THRESHOLD = 1 << 20  # bytes: blocks this large or larger are mapped and unmapped, never kept in the heap
-_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
-_OTHER_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
-
-
-def release_freed_memory() -> bool:
-    """Have glibc's malloc give blocks of 1 MiB and more back to the system when they are freed (mallopt
-    M_MMAP_THRESHOLD, which also stops glibc from raising the threshold by itself); True if set. The least
-    resident memory, at the cost of a page fault per 4 KB of every large block allocated afterwards.
-
-    Left alone where the user chose: ``MALLOC_MMAP_THRESHOLD_`` in the environment, or jemalloc, tcmalloc or
-    mimalloc preloaded; and where there is no glibc."""
-    if os.environ.get("MALLOC_MMAP_THRESHOLD_") or any(a in os.environ.get("LD_PRELOAD", "")
-                                                       for a in _OTHER_ALLOCATORS):
-        return False
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    try:
-        return ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
-    except (OSError, AttributeError):
-        return False
 
 
 def fused_gelu(model) -> int:

@@ -25,8 +25,8 @@ import torch
 from transformers import TrainerCallback
 from trl import SFTTrainer
 
-from medgen import (atomic, dist, elastic, lm_loss, memory, models, provenance, throughput, tracking, train_args,
-                    validate, watchdog)
+from medgen import (allocator, atomic, dist, elastic, lm_loss, memory, models, provenance, throughput, tracking,
+                    train_args, validate, watchdog)
 from medgen.checkpoint import Checkpoints
 from medgen.config import Config
 from medgen.data import shards, storage
@@ -313,7 +313,7 @@ class TrainSetup:
 def build_trainer(cfg: Config) -> TrainSetup:
     from peft import LoraConfig
 
-    if cfg.train.release_memory and not memory.release_freed_memory():
+    if cfg.train.release_memory and not allocator.release_freed_memory():
         log.warning("train.release_memory: left to the allocator the environment chose (MALLOC_MMAP_THRESHOLD_, a "
                     "preloaded allocator, or no glibc)")
     tok = models.load_tokenizer(cfg.model.name_or_path, cfg.model.revision)
@@ -439,6 +439,7 @@ def run(cfg: Config) -> dict[str, Any]:
         tokenizer_fingerprint=models.tokenizer_fingerprint(setup.tokenizer),
         adapter_fingerprint=models.adapter_fingerprint(tmp), steps=trainer.state.global_step, adapter_step=step,
         adapter_choice=why, stopped=(vstate.stopped if vstate else "") or "train.max_steps reached",
+        malloc=allocator.loaded() or "system",
         validation=_validation_record(setup.validator, vstate, step)))
     if t.merge and trainer.is_world_process_zero():
         _save_merged(cfg, adapter_dir, setup.tokenizer, cfg.layout.merged)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from medgen import config
+from medgen import allocator, config
 from medgen.errors import ConfigError, UserError
 from medgen.launch import slurm
 from tests.helpers import ROOT, TINY, command, local_cluster, medgen
@@ -185,6 +185,8 @@ def test_every_distributed_stage_ran_one_rank_on_each_of_two_nodes(pipelines):
         assert {w["host"]: w["ip"] for w in where} == nodes, (stage, where)  # two hostnames, two IPs
         for w, path in zip(where, stages[stage]["logs"]):
             assert f"rank {w['rank']} of 2 on {w['host']} ({w['ip']}), cpu" in Path(path).read_text()
+            if allocator.find_jemalloc() or os.environ.get("CI"):  # every task started again on jemalloc, once
+                assert Path(path).read_text().count("allocator: jemalloc (") == 1, (stage, path)
     assert "2 processes, 2 data streams" in Path(stages["train"]["logs"][0]).read_text()
     for path in stages["evaluate"]["logs"]:  # the CPUs the profile gives each task (cpus_per_task: 1), not the node's
         assert re.search(r"evaluate: .* on rank \d/2, context \d+, stride \d+, 1 threads", Path(path).read_text())

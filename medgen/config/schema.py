@@ -83,6 +83,11 @@ class RunConfig:
     start_timeout: float = opt(
         1800.0, "The same before a stage's first progress: model loading and the first (maybe compiled) step.", gt=0,
     )
+    allocator: Literal["auto", "jemalloc", "system"] = opt(
+        "auto", "malloc of train/evaluate/generate/run/sweep processes: auto = jemalloc where found (the process starts "
+        "again with it preloaded), else the system's and a warning; jemalloc = an error where not found; system = "
+        "never preloaded. On a CPU, jemalloc halves a training step's peak memory, faster (medgen/allocator.py).",
+    )
     progress_every: float = opt(
         DEFAULT_EVERY, "Seconds between the progress lines of prepare, evaluate, validation and generate where "
         "stderr is not a terminal (a SLURM job log, a pipe; docs/slurm.md); on a terminal a progress bar instead.",
@@ -205,9 +210,10 @@ class TrainConfig:
     keep_checkpoints: int = opt(2, "Complete checkpoints kept in <run.dir>/checkpoints (newest first).", gt=0)
     deepspeed: str = opt("", "DeepSpeed config JSON (e.g. configs/deepspeed/zero2.json); '' = plain DDP.")
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward (saves memory, costs ~30% speed).")
-    release_memory: bool = opt(False, "CPU: give memory the step frees back to the system at once (glibc's mmap "
-                               "threshold fixed at 1 MiB): the peak resident memory is what is live (0.64-0.75x "
-                               "at 8 x 1024 tokens), every step slower by its page faults (medgen/memory.py).")
+    release_memory: bool = opt(False, "CPU, on the system's malloc (run.allocator=system or no jemalloc): give memory "
+                               "the step frees back at once (glibc's mmap threshold fixed at 1 MiB): the peak "
+                               "resident memory is what is live, every step slower by its page faults "
+                               "(medgen/allocator.py).")
     model_dropout: Optional[float] = opt(
         0.0, "Dropout inside the frozen base model while fine-tuning (GPT-2 ships 0.1); null keeps the model's own. "
         "0 as in torchtune and litgpt: attention runs fused and no random mask is drawn (bench/RESULTS.md); "

@@ -502,12 +502,16 @@ class StageJob(submitit.helpers.Checkpointable):
         from medgen import dist
         from medgen.launch import local
 
+        cfg = config.load_config(config_path, list(overrides))
+        if self.stage in DISTRIBUTED and Path(sys.argv[0]).name == "_submit.py":  # submitit's runner: ours to restart
+            from medgen import allocator
+
+            allocator.ensure(cfg.run.allocator)  # may start this task again with jemalloc preloaded
         shell = os.environ.get("MEDGEN_UMASK")  # set by the job script (stage_plan)
         private = os.umask(int(shell, 8)) if shell else current_umask()
         from medgen import watchdog
 
         log.info("%s: medgen %s from %s", self.stage, medgen.__version__, Path(medgen.__file__).parent)
-        cfg = config.load_config(config_path, list(overrides))
         dist.from_slurm(self.stage in DISTRIBUTED, watchdog.pg_timeout(cfg.run))
         if self.stage in DISTRIBUTED:
             where = dist.record_placement(cfg.run.dir, self.stage)
