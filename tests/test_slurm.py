@@ -676,8 +676,10 @@ def test_job_logs_show_progress_lines_at_the_interval(slurm_cluster, tmp_path, m
     interval, so that each stage works for several seconds."""
     run = tmp_path / "progress"
     medgen("run", "--executor", "slurm", *TINY, f"run.dir={run}", "run.progress_every=1", "model.base_only=true",
-           f"data.source=[{medium_sample},{medium_sample}]", "eval.max_articles=6", "generate.batch_size=1", "generate.max_new_tokens=24",
-           "slurm.stages=[prepare,evaluate,generate]")
+           f"data.source=[{medium_sample},{medium_sample}]", "generate.batch_size=1", "generate.max_new_tokens=96",
+           # every test article (35) and 96 new tokens: seconds of work on each rank on jemalloc too (6 articles took
+           # 1.4 s, 24 tokens 1.2 s)
+           "eval.max_articles=40", "slurm.stages=[prepare,evaluate,generate]")
     states = _wait(run)
     assert {k: r["State"] for k, r in states.items()} == {k: "COMPLETED" for k in states}, states
     stages = _jobs(run)["stages"]
