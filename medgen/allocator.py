@@ -14,6 +14,8 @@ the library is found; the re-executed process puts LD_PRELOAD and MALLOC_CONF ba
 starts (sbatch, git, a compiler) do not inherit it. Only entry points call ``ensure``: the ``medgen`` command
 line (not ``cli.main([...])`` called in a process of someone else's), a SLURM task (submitit's runner).
 A malloc the user preloaded (jemalloc, tcmalloc, mimalloc) is left alone, and so is a MALLOC_CONF of theirs.
+The library found is tried first in a child Python (``_trial``): one the loader refuses, or one that crashes a
+start-up, is named in a warning and not used; the process is never replaced by one that cannot run.
 """
 from __future__ import annotations
 
@@ -120,10 +122,35 @@ def ensure(setting: str) -> None:
     old = {k: os.environ.get(k) for k in ("LD_PRELOAD", "MALLOC_CONF")}
     env = {**os.environ, _RESTORE: json.dumps(old), "LD_PRELOAD": " ".join(filter(None, [lib, old["LD_PRELOAD"]]))}
     env.setdefault("MALLOC_CONF", JEMALLOC_CONF)  # a MALLOC_CONF of the user's is theirs
+    if problem := _trial(env):  # this process must not be replaced by one that cannot start
+        if setting == "jemalloc":
+            raise UserError(f"run.allocator=jemalloc: {lib} {problem}; another build of jemalloc, or run.allocator=auto")
+        log.warning("allocator: %s %s; the system's malloc instead (run.allocator=system silences this)", lib, problem)
+        return
     log.info("allocator: starting again with %s preloaded (run.allocator=%s)", lib, setting)
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+
+
+def _trial(env: dict[str, str]) -> str | None:
+    """None if this Python starts and imports numpy with ``env``'s preload; else what went wrong. A library the loader
+    cannot preload is skipped with a message, and some builds crash at start-up (conda's jemalloc >= 5.2.1 with
+    numpy: jemalloc issue #2472); a tenth of a second, once per command."""
+    env = {k: v for k, v in env.items() if k != _RESTORE}
+    try:
+        proc = subprocess.run([sys.executable, "-c", "import numpy"], env=env, capture_output=True, text=True,
+                              timeout=120)
+    except subprocess.TimeoutExpired:
+        return "preloaded, hangs a Python start-up (120 s)"
+    except OSError as e:
+        return f"could not be tried ({e})"
+    said = " ".join(proc.stderr.split())[-300:]
+    if proc.returncode != 0:
+        return f"preloaded, fails a Python start-up (exit {proc.returncode}{': ' + said if said else ''})"
+    if "cannot be preloaded" in proc.stderr:
+        return f"cannot be preloaded ({said})"
+    return None
 
 
 def release_freed_memory() -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -98,6 +99,33 @@ def test_without_jemalloc_auto_warns_and_goes_on_and_jemalloc_names_what_to_inst
     assert "jemalloc not found" in caplog.text and "apt install libjemalloc2" in caplog.text
     with pytest.raises(UserError, match="run.allocator=jemalloc: no libjemalloc.so.2 .*apt install libjemalloc2"):
         allocator.ensure("jemalloc")
+
+
+def _broken_jemalloc(folder, kind: str) -> None:
+    lib = folder / "libjemalloc.so.2"
+    if kind == "not a library":
+        lib.write_bytes(b"")
+        return
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler to build a library that crashes every process it is preloaded into")
+    src = folder / "boom.c"
+    src.write_text("#include <stdlib.h>\n__attribute__((constructor)) static void boom(void) { abort(); }\n")
+    subprocess.run([cc, "-shared", "-fPIC", "-o", str(lib), str(src)], check=True)
+
+
+@pytest.mark.parametrize("kind", ["not a library", "crashes at start-up"])
+def test_a_jemalloc_that_cannot_run_is_tried_first_and_never_replaces_the_process(tmp_path, kind):
+    _broken_jemalloc(tmp_path, kind)  # found first: LD_LIBRARY_PATH
+    lines, err = _run("auto", LD_LIBRARY_PATH=str(tmp_path))
+    assert len(lines) == 2 and lines[-1]["loaded"] is None  # the process went on, on the system's malloc
+    assert f"allocator: {tmp_path / 'libjemalloc.so.2'} " in err and "the system's malloc instead" in err, err
+    reason = "cannot be preloaded" if kind == "not a library" else "fails a Python start-up (exit -6"
+    assert reason in err, err
+    base = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_CONF")}
+    proc = subprocess.run([sys.executable, "-c", "from medgen import allocator; allocator.ensure('jemalloc')"],
+                          capture_output=True, text=True, cwd=ROOT, env={**base, "LD_LIBRARY_PATH": str(tmp_path)})
+    assert proc.returncode != 0 and "UserError: run.allocator=jemalloc: " in proc.stderr and reason in proc.stderr
 
 
 @pytest.mark.slow
