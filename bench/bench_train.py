@@ -50,7 +50,8 @@ def step_setup(model: str, batch: int, max_length: int, steps: int, overrides: l
     from medgen.models import resolve
     from medgen.train import build_trainer
 
-    medgens_allocator(overrides)
+    # before the prepare below: a restarted process does everything before this call again
+    medgens_allocator(load_config(str(ROOT / "configs" / "tiny.yaml"), list(overrides)).run)
     work = Path(tempfile.mkdtemp(prefix=prefix))
     model_dir = gpt2_124m(work / "model") if model == "gpt2-124m" else Path(resolve(model))
     subprocess.run([sys.executable, "-m", "medgen", "prepare", "--config", "configs/tiny.yaml", "-q",
@@ -63,16 +64,16 @@ def step_setup(model: str, batch: int, max_length: int, steps: int, overrides: l
     return build_trainer(cfg)
 
 
-def medgens_allocator(overrides: list[str]) -> None:
-    """Run this process on the malloc medgen's command line would (run.allocator, medgen/allocator.py): may start
-    this script again, with jemalloc preloaded. A medgen from before run.allocator: the system's malloc, as then."""
-    from medgen.config import load_config
+def medgens_allocator(run) -> str:
+    """Run this process on the malloc medgen's command line would (``run``: the run section of the measured medgen's
+    config; medgen/allocator.py): may start this script again, with jemalloc preloaded. The malloc in use, for the
+    results. A medgen from before run.allocator: the system's malloc, as then."""
+    if not hasattr(run, "allocator"):
+        return "system"
+    from medgen import allocator
 
-    run = load_config(str(ROOT / "configs" / "tiny.yaml"), list(overrides)).run
-    if hasattr(run, "allocator"):
-        from medgen import allocator
-
-        allocator.ensure(run.allocator)
+    allocator.ensure(run.allocator)
+    return allocator.loaded() or "system"
 
 
 class StepClock:
@@ -106,8 +107,8 @@ def worker(spec_file: str) -> None:
     from medgen.config import load_config
     from medgen.train import build_trainer
 
-    medgens_allocator(spec["overrides"])
     cfg = load_config(str(ROOT / "configs" / "tiny.yaml"), spec["overrides"] + [f"train.max_steps={spec['steps']}"])
+    malloc = medgens_allocator(cfg.run)
     setup = build_trainer(cfg)
     trainer = setup.trainer
     block = cfg.train.max_length * cfg.train.batch_size * cfg.train.grad_accum
@@ -132,8 +133,6 @@ def worker(spec_file: str) -> None:
 
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     device = trainer.args.device
-    maps = Path("/proc/self/maps").read_text()
-    malloc = next((m for m in ("jemalloc", "tcmalloc", "mimalloc") if f"/lib{m}" in maps), "system")
     print(json.dumps({"tokens_per_s": clock.rate(), "medgen": str(Path(medgen.__file__).parents[1]), "losses": losses,
                       "malloc": malloc,
                       "peak_memory_gb": peak_memory_gb(device),

@@ -57,6 +57,12 @@ def loaded() -> str | None:
     return None
 
 
+def preloaded() -> str | None:
+    """A malloc replacement the environment chose: the one mapped into this process, or one LD_PRELOAD names."""
+    named = os.environ.get("LD_PRELOAD", "")
+    return loaded() or (named if any(m in named for m in MALLOCS) else None)
+
+
 def _search_dirs() -> list[Path]:
     """Where a user's jemalloc is: LD_LIBRARY_PATH (an environment module), the Python environment (conda,
     a venv), then the system's library directories."""
@@ -106,8 +112,8 @@ def ensure(setting: str) -> None:
         return
     if setting == "system":
         return
-    if (other := loaded()) or any(m in os.environ.get("LD_PRELOAD", "") for m in MALLOCS):
-        log.info("allocator: %s, preloaded by the environment", other or os.environ["LD_PRELOAD"])
+    if other := preloaded():
+        log.info("allocator: %s, preloaded by the environment", other)
         return
     lib = find_jemalloc()
     if lib is None:
@@ -161,8 +167,7 @@ def release_freed_memory() -> bool:
 
     Left alone where the user chose: ``MALLOC_MMAP_THRESHOLD_`` in the environment, or another malloc in this
     process (jemalloc, tcmalloc, mimalloc: glibc's would not be the one in use); and where there is no glibc."""
-    if os.environ.get("MALLOC_MMAP_THRESHOLD_") or loaded() or any(m in os.environ.get("LD_PRELOAD", "")
-                                                                   for m in MALLOCS):
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") or preloaded():
         return False
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False

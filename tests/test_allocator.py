@@ -44,10 +44,14 @@ print(json.dumps({"pid": os.getpid(), "loaded": lib, "LD_PRELOAD": os.environ.ge
 """
 
 
+def _env(**extra: str) -> dict[str, str]:
+    """This environment without a preload or a MALLOC_CONF of its own, plus ``extra``."""
+    return {**{k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_CONF")}, **extra}
+
+
 def _run(setting: str, **env: str) -> tuple[list[dict], str]:
-    base = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_CONF")}
     proc = subprocess.run([sys.executable, "-c", _PROGRAM, setting], capture_output=True, text=True, cwd=ROOT,
-                          env={**base, **env}, timeout=120)
+                          env=_env(**env), timeout=120)
     assert proc.returncode == 0, proc.stderr
     return [json.loads(line) for line in proc.stdout.splitlines()], proc.stderr
 
@@ -122,9 +126,8 @@ def test_a_jemalloc_that_cannot_run_is_tried_first_and_never_replaces_the_proces
     assert f"allocator: {tmp_path / 'libjemalloc.so.2'} " in err and "the system's malloc instead" in err, err
     reason = "cannot be preloaded" if kind == "not a library" else "fails a Python start-up (exit -6"
     assert reason in err, err
-    base = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_CONF")}
     proc = subprocess.run([sys.executable, "-c", "from medgen import allocator; allocator.ensure('jemalloc')"],
-                          capture_output=True, text=True, cwd=ROOT, env={**base, "LD_LIBRARY_PATH": str(tmp_path)})
+                          capture_output=True, text=True, cwd=ROOT, env=_env(LD_LIBRARY_PATH=str(tmp_path)))
     assert proc.returncode != 0 and "UserError: run.allocator=jemalloc: " in proc.stderr and reason in proc.stderr
 
 
@@ -198,7 +201,7 @@ def test_the_medgen_command_starts_again_with_jemalloc_but_cli_main_called_by_a_
     caller = ("import os, sys; from medgen import allocator, cli; print(os.getpid(), flush=True); "
               f"code = cli.main({args!r}); print(allocator.loaded()); sys.exit(code)")
     proc = subprocess.run([sys.executable, "-c", caller], capture_output=True, text=True, cwd=ROOT, timeout=120,
-                          env={k: v for k, v in os.environ.items() if k != "LD_PRELOAD"})
+                          env=_env())
     assert proc.returncode == 2 and len(proc.stdout.split()) == 2 and proc.stdout.split()[1] == "None", proc.stdout
     assert "allocator" not in proc.stderr  # another program's process: left as it is
     proc = medgen(*args, check=False)
