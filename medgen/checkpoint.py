@@ -51,17 +51,16 @@ class Checkpoints:
     def add_stream_state(self, step: int, rank: int, state: dict[str, Any]) -> None:
         (self.partial(step) / f"stream-rank-{rank:05d}.json").write_text(json.dumps(state))
 
-    def commit(self, step: int, world_size: int, validation: dict[str, Any] | None = None,
-               shape: dict[str, Any] | None = None) -> Path:
-        """Rank 0, once every rank has written its part: mark the checkpoint complete (with the run's shape,
-        medgen/elastic.py, and the validation state, medgen/validate.py), rename it ``step-N`` (the commit
-        point), drop the oldest complete ones beyond ``keep``, never the best step's."""
+    def commit(self, step: int, world_size: int, **records: dict[str, Any] | None) -> Path:
+        """Rank 0, once every rank has written its part: mark the checkpoint complete with ``records`` (the run's
+        ``shape``, medgen/elastic.py; the ``validation`` state, medgen/validate.py; the ``schedule``'s settings,
+        medgen/schedule.py; the settings that fix what it holds, ``run``: ``same_run``), rename it ``step-N``
+        (the commit point), drop the oldest complete ones beyond ``keep``, never the best step's."""
         ckpt, final = self.partial(step), self.directory / f"step-{step}"
-        info = {"step": step, "world_size": world_size, **({"shape": shape} if shape else {}),
-                **({"validation": validation} if validation else {})}
+        info = {"step": step, "world_size": world_size, **{k: v for k, v in records.items() if v}}
         (ckpt / COMMITTED).write_text(json.dumps(info))
         atomic.commit_dir(ckpt, final)
-        best = (validation or {}).get("best_step")
+        best = (records.get("validation") or {}).get("best_step")
         for old in self.complete()[:-self.keep]:
             if self.step(old) != best:
                 shutil.rmtree(old, ignore_errors=True)
@@ -69,8 +68,19 @@ class Checkpoints:
 
     @staticmethod
     def info(ckpt: Path) -> dict[str, Any]:
-        """What the commit recorded: step, world size, the validation state."""
+        """What the commit recorded: step, world size and ``records``."""
         return json.loads((ckpt / COMMITTED).read_text())
+
+    @staticmethod
+    def same_run(recorded: dict[str, Any] | None, now: dict[str, Any], ckpt: Path) -> None:
+        """Refuse, in one line, to resume ``ckpt`` with settings that change what it holds (``now``: the base
+        model, the adapter's shape, the data and its blocks; a checkpoint from before they were recorded: None).
+        The rest (rates, steps, batch, validation, ...) may change on a resume."""
+        changed = [f"{k} {recorded[k]!r} -> {v!r}" for k, v in now.items() if k in (recorded or {}) and recorded[k] != v]
+        if changed:
+            raise UserError(
+                f"train: {ckpt} was trained with other settings ({'; '.join(changed)}), which fix what the checkpoint "
+                f"holds: set them back to resume it, or use another run.dir (or delete {ckpt.parent}) to start over")
 
     def at(self, step: int) -> Path | None:
         """The complete checkpoint of ``step``, if it is there."""

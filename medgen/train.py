@@ -25,8 +25,8 @@ import torch
 from transformers import TrainerCallback
 from trl import SFTTrainer
 
-from medgen import (allocator, atomic, dist, elastic, lm_loss, memory, models, provenance, throughput, tracking,
-                    train_args, validate, watchdog)
+from medgen import (allocator, atomic, dist, elastic, lm_loss, memory, models, provenance, schedule, throughput,
+                    tracking, train_args, validate, watchdog)
 from medgen.checkpoint import Checkpoints
 from medgen.config import Config
 from medgen.data import shards, storage
@@ -179,16 +179,16 @@ class CommitCheckpoint(TrainerCallback):
     as step-N once all have (medgen/checkpoint.py), with the validation state (medgen/validate.py)."""
 
     def __init__(self, checkpoints: Checkpoints, stream: PackedStream, validation: validate.State | None,
-                 shape: elastic.Shape):
-        self.checkpoints, self.stream, self.validation, self.shape = checkpoints, stream, validation, shape
+                 records: dict[str, Any]):
+        self.checkpoints, self.stream, self.validation, self.records = checkpoints, stream, validation, records
 
     def on_save(self, args, state, control, **kw):
         self.checkpoints.add_stream_state(state.global_step, args.process_index, self.stream.state_dict())
         dist.barrier()
         if state.is_world_process_zero:
             vstate = self.validation.as_dict() if self.validation else None
-            log.info("checkpoint %s saved", self.checkpoints.commit(state.global_step, args.world_size, vstate,
-                                                                    self.shape.as_dict()))
+            log.info("checkpoint %s saved", self.checkpoints.commit(state.global_step, args.world_size,
+                                                                    validation=vstate, **self.records))
         dist.barrier()
 
 
@@ -293,6 +293,13 @@ class MedgenSFTTrainer(SFTTrainer):
             self.optimizer = loraplus_optimizer(self, self.model if model is None else model, self.loraplus_ratio)
         return super().create_optimizer(model)
 
+    def create_scheduler(self, num_training_steps, optimizer=None):
+        fresh = self.lr_scheduler is None
+        scheduler = super().create_scheduler(num_training_steps, optimizer)
+        if fresh:  # the configured peak rates, before a checkpoint's state replaces them (medgen/schedule.py)
+            self.configured_lrs = list(getattr(scheduler, "base_lrs", []))
+        return scheduler
+
 
 @dataclass
 class TrainSetup:
@@ -308,6 +315,7 @@ class TrainSetup:
     targets: list[str] | str  # the LoRA target modules
     validator: validate.Validator | None  # None: no validation during training
     split_tokens: int  # the training split as the stream reads it: its tokens plus one separator per article
+    holds: dict[str, Any]  # the settings that fix what a checkpoint holds (_what_a_checkpoint_holds)
 
 
 def build_trainer(cfg: Config) -> TrainSetup:
@@ -319,7 +327,8 @@ def build_trainer(cfg: Config) -> TrainSetup:
     tok = models.load_tokenizer(cfg.model.name_or_path, cfg.model.revision)
     manifest = shards.read_manifest(cfg.shards_url, cfg.data.storage_options, cfg.data.retry_seconds)
     shards.check_tokenizer(manifest, models.tokenizer_fingerprint(tok), cfg.model.name_or_path, cfg.shards_url)
-    cfg, shape = _shape(cfg, manifest)
+    holds = _what_a_checkpoint_holds(cfg, manifest)
+    cfg, shape = _shape(cfg, manifest, holds)
     t = cfg.train
     precision = resolve_precision(t.precision)
     args = sft_config(cfg, precision)  # initialises the distributed state (accelerate)
@@ -360,14 +369,28 @@ def build_trainer(cfg: Config) -> TrainSetup:
         checker.window(model)
     split = manifest["splits"]["train"]
     return TrainSetup(cfg, shape, trainer, dataset, collator, tok, precision, targets, checker,
-                      split["tokens"] + split["articles"])
+                      split["tokens"] + split["articles"], holds)
 
 
-def _shape(cfg: Config, manifest: dict[str, Any]) -> tuple[Config, elastic.Shape]:
-    """The run's shape (medgen/elastic.py): from the newest checkpoint when resuming, on this number of
-    processes (the launcher's WORLD_SIZE, before the process group starts); ``cfg`` with it applied."""
+def _what_a_checkpoint_holds(cfg: Config, manifest: dict[str, Any]) -> dict[str, Any]:
+    """The settings that fix what a checkpoint holds (the base model, the adapter's shape, the data and its
+    blocks): a resume with others is refused (Checkpoints.same_run), where the model would fail to load the
+    adapter, or the streams would go on in another dataset."""
+    m, lo, t = cfg.model, cfg.lora, cfg.train
+    return {"model.name_or_path": m.name_or_path, "model.revision": m.revision, "lora.r": lo.r, "lora.alpha": lo.alpha,
+            "lora.target_modules": list(lo.target_modules), "lora.top_layers": lo.top_layers,
+            "train.max_length": t.max_length, "train.packing": t.packing,
+            "the prepared data (its manifest's config_hash)": manifest.get("config_hash")}
+
+
+def _shape(cfg: Config, manifest: dict[str, Any], holds: dict[str, Any]) -> tuple[Config, elastic.Shape]:
+    """The run's shape (medgen/elastic.py): from the newest checkpoint when resuming (refused where ``holds``,
+    what it holds, differs), on this number of processes (the launcher's WORLD_SIZE, before the process group
+    starts); ``cfg`` with it applied."""
     t, world = cfg.train, int(os.environ.get("WORLD_SIZE", "1"))
     newest = Checkpoints(cfg.layout.checkpoints, t.keep_checkpoints).newest()
+    if newest is not None:
+        Checkpoints.same_run(Checkpoints.info(newest).get("run"), holds, newest)
     if newest is None:
         shape = elastic.first_start(t, world, len(manifest["splits"]["train"]["shards"]))
     elif "shape" in (info := Checkpoints.info(newest)):
@@ -444,7 +467,8 @@ def run(cfg: Config) -> dict[str, Any]:
     if t.merge and trainer.is_world_process_zero():
         _save_merged(cfg, adapter_dir, setup.tokenizer, cfg.layout.merged)
     trainer.accelerator.wait_for_everyone()
-    return {"train_loss": result.training_loss, "steps": result.global_step, "precision": setup.precision,
+    # the Trainer's mean loss of this call's steps; none when a finished run was started again
+    return {"train_loss": None if trainer.finished else result.training_loss, "steps": result.global_step, "precision": setup.precision,
             "adapter": str(adapter_dir), "adapter_step": step}
 
 
@@ -493,7 +517,9 @@ def _add_callbacks(cfg: Config, setup: TrainSetup, checkpoints: Checkpoints, sig
                       throughput.device_peak(args.device, setup.precision), setup.split_tokens)
     # the train log and TensorBoard after Throughput: they see what it adds to the logs
     for cb in (MarkProgress(), SampleLog(cfg.layout, setup.collator), *checking, stop,
-               CommitCheckpoint(checkpoints, setup.stream, vstate, setup.shape),
+               CommitCheckpoint(checkpoints, setup.stream, vstate, {
+                   "shape": setup.shape.as_dict(), "schedule": schedule.record(cfg.train), "run": setup.holds}),
+               schedule.ReapplySchedule(trainer),
                rate, TrainLog(cfg.layout, rate), *_tensorboard(cfg, args)):
         trainer.add_callback(cb)
     return stop
@@ -520,6 +546,12 @@ def _resume(cfg: Config, setup: TrainSetup, checkpoints: Checkpoints, resume: Pa
                  t.max_steps, _tokens_per_step(cfg, args.world_size), args.world_size, setup.shape.streams,
                  throughput.flops_per_token(trainer.model, t.max_length) / 1e6,
                  f", resuming from {resume}" if resume else "")
+        note = resume and schedule.describe_change(Checkpoints.info(resume).get("schedule"), t, resumed_step)
+        if note:
+            log.info("%s", note)
+        elif trainer.finished and not stopped:
+            log.info("train: the run already trained its %d steps: nothing left to train, the adapter is saved again "
+                     "(raise train.max_steps to train on)", resumed_step)
         if setup.validator:
             v = setup.validator
             log.info("train: validating every %d steps on %d validation articles (%d tokens), context %d, stride %d: %s",

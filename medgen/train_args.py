@@ -46,7 +46,9 @@ ARGS: tuple[Arg, ...] = (
     Arg("fp16", "train.precision", lambda cfg, r: r.precision == "fp16"),
     Arg("gradient_checkpointing", "train.gradient_checkpointing", _t("gradient_checkpointing")),
     Arg("logging_steps", "train.logging_steps", _t("logging_steps")),
-    Arg("save_strategy", "train.save_steps", lambda cfg, r: "steps" if cfg.train.save_steps else "no"),
+    # always "steps": the Trainer then checkpoints the last step too, so a finished run can be extended
+    # (a larger train.max_steps resumes from it, medgen/schedule.py); "no" would leave nothing to resume
+    Arg("save_strategy", "train.save_steps", lambda cfg, r: "steps"),
     Arg("save_steps", "train.save_steps", lambda cfg, r: cfg.train.save_steps or cfg.train.max_steps),
     # left at None (keep all): medgen keeps the last train.keep_checkpoints complete ones itself (checkpoint.py)
     Arg("save_total_limit", "train.keep_checkpoints", lambda cfg, r: None),

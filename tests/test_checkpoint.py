@@ -70,3 +70,29 @@ def test_default_streams_are_the_shards_a_multiple_of_the_processes(world, shard
     from medgen import elastic
 
     assert elastic.default_streams(world, shards) == streams
+
+
+def test_a_resume_is_refused_only_where_what_the_checkpoint_holds_changed(tmp_path):
+    holds = {"lora.r": 16, "lora.target_modules": [], "data": "d9d6"}
+    Checkpoints.same_run(holds, dict(holds), tmp_path / "step-4")  # the same settings
+    Checkpoints.same_run(None, holds, tmp_path / "step-4")  # written before checkpoints recorded them
+    with pytest.raises(UserError, match=r"step-4 was trained with other settings \(lora.r 16 -> 8; "
+                                        r"lora.target_modules \[\] -> \['c_fc'\]\), which fix"):
+        Checkpoints.same_run(holds, {**holds, "lora.r": 8, "lora.target_modules": ["c_fc"]}, tmp_path / "step-4")
+
+
+def test_a_changed_schedule_is_named_on_resume():
+    import dataclasses
+
+    from medgen import schedule
+    from medgen.config import TrainConfig
+
+    t = TrainConfig(max_steps=8)
+    assert schedule.describe_change(schedule.record(t), t, 4) is None
+    assert schedule.describe_change(None, t, 4) is None
+    before = schedule.record(dataclasses.replace(t, max_steps=4, learning_rate=1e-3))
+    assert schedule.describe_change(before, t, 4) == (
+        "train: resuming at step 4 with max_steps 4 -> 8, learning_rate 0.001 -> 0.0005: steps 5-8 follow the "
+        "cosine schedule of 8 steps as configured now, not the checkpoint's")
+    assert "step 4, at or past train.max_steps=3: nothing left to train" in schedule.describe_change(
+        before, dataclasses.replace(t, max_steps=3), 4)

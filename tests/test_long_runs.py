@@ -123,3 +123,49 @@ def test_a_stopped_rank_is_reported_and_the_run_resumes(tmp_path, shards, uninte
     _run(2, run, shards, *HANG)
     assert max_diff(adapter(run), adapter(uninterrupted[2])) <= 1e-5
 
+
+
+def _rates(run_dir: Path) -> dict[int, float]:
+    """The learning rate each step trained at, from the train log."""
+    rows = [json.loads(ln) for ln in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    return {r["step"]: r["learning_rate"] for r in rows if "loss" in r}
+
+
+def _blocks(run_dir: Path) -> list[str]:
+    return (run_dir / "samples" / "rank-00000.jsonl").read_text().splitlines()
+
+
+def test_a_finished_run_extended_trains_on_the_schedule_configured_now(tmp_path, shards, uninterrupted):
+    """train.max_steps raised after a run finished (checkpointing only at the end, the default): it resumes from its
+    last step, and steps 5-8 train on the blocks and at the rates of a run configured for 8 steps from the start
+    (the Trainer alone would train step 5 at the 4-step cosine's last rate, 0, and keep the old peak rates)."""
+    run = tmp_path / "run"
+    _run(1, run, shards, "train.max_steps=4", "train.save_steps=0")
+    assert [p.name for p in (run / "checkpoints").glob("step-*")] == ["step-4"]
+    err = _run(1, run, shards, "train.save_steps=0").stderr
+    assert f"resuming from {run / 'checkpoints' / 'step-4'}" in err, err[-3000:]
+    assert "resuming at step 4 with max_steps 4 -> 8: steps 5-8 follow the cosine schedule of 8 steps" in err
+    straight, extended = _rates(uninterrupted[1]), _rates(run)
+    assert [extended[s] for s in range(5, 9)] == [straight[s] for s in range(5, 9)]
+    assert extended[4] != straight[4]  # the first 4 steps did follow a 4-step schedule
+    assert _blocks(run)[4:] == _blocks(uninterrupted[1])[4:]  # the data stream goes on where it stopped
+
+
+def test_a_changed_learning_rate_applies_from_the_first_resumed_step(tmp_path, shards):
+    """Resumed at rate 0: no step after the checkpoint moves a weight (the checkpoint's optimizer alone would train
+    the first resumed step at the old rate)."""
+    run = tmp_path / "run"
+    _run(1, run, shards, "train.max_steps=4", "train.lr_scheduler=constant")
+    before = adapter(run)
+    err = _run(1, run, shards, "train.max_steps=6", "train.lr_scheduler=constant", "train.learning_rate=0").stderr
+    assert "max_steps 4 -> 6, learning_rate 0.001 -> 0.0" in err, err[-3000:]
+    assert max_diff(adapter(run), before) == 0
+    rates = _rates(run)
+    assert rates[4] == 0.001 and rates[5] == rates[6] == 0
+    # what the checkpoint holds cannot change: one line before any model loads, the run left as it was
+    proc = subprocess.run(_cmd(1, run, shards, "train.max_steps=9", "lora.r=8"), cwd=ROOT, env=env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
+        f"medgen: error: train: {run / 'checkpoints' / 'step-6'} was trained with other settings (lora.r 16 -> 8), "
+        f"which fix what the checkpoint holds: set them back to resume it, or use another run.dir (or delete "
+        f"{run / 'checkpoints'}) to start over"), proc.stderr[-3000:]

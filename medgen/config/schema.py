@@ -182,7 +182,8 @@ class LoraConfig:
 class TrainConfig:
     max_steps: int = opt(30, "Optimizer steps to train.", gt=0)
     seed: int = opt(42, "Seed for LoRA init, dropout and data order.")
-    save_steps: int = opt(0, "Checkpoint every N steps (0 = only at the end).", ge=0)
+    save_steps: int = opt(0, "Checkpoint every N steps and at the last one (0 = the last one only, and wherever a stop "
+                          "signal arrives); a finished run resumes from its last step when max_steps is raised.", ge=0)
     batch_size: int = opt(4, "Sequences per device per micro-batch.", gt=0)
     grad_accum: int = opt(1, "Gradient accumulation steps.", gt=0)
     max_length: int = opt(256, "Tokens per packed training sequence.", gt=0)
