@@ -234,7 +234,7 @@ def main() -> None:
     ap.add_argument("--against", metavar="GIT_REF", default="",
                     help="also measure medgen at this commit (same data, settings, steps) and compare the adapters")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="extra medgen config override, e.g. train.sft_args={torch_compile: true}")
+                    help="extra medgen config override, e.g. train.compile=off")
     ap.add_argument("--sample", type=Path, default=SAMPLE, help="Kaggle-schema CSV of real articles")
     ap.add_argument("--trl", default="defaults", help=f"comma-separated TRL baselines: {', '.join(TRL_VARIANTS)}")
     ap.add_argument("--trl-steps", type=int, default=0, help="steps per TRL baseline (default: --steps)")

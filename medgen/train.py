@@ -54,6 +54,14 @@ def resolve_precision(precision: str) -> str:
     return "bf16" if cpu_has_fast_bf16() else "fp32"
 
 
+def resolve_compile(setting: str | bool, deepspeed: bool) -> bool:
+    """'auto' -> on where it was measured to pay: a GPU (1.45x on an H100), not under DeepSpeed (which compiles
+    by its own settings); not on a CPU, where it was slower (bench/RESULTS.md)."""
+    if setting != "auto":
+        return bool(setting)
+    return torch.cuda.is_available() and not deepspeed
+
+
 def sft_config(cfg: Config, precision: str):
     """SFTConfig: what medgen sets itself (medgen/train_args.py, refused in train.sft_args), defaults a user may
     change through train.sft_args, then train.sft_args. Starts the distributed state first (medgen/dist.py)."""
@@ -61,7 +69,8 @@ def sft_config(cfg: Config, precision: str):
 
     deepspeed = dist.deepspeed_requested(cfg.train.deepspeed)
     dist.init_distributed(deepspeed=deepspeed, timeout=watchdog.pg_timeout(cfg.run))
-    resolved = train_args.Resolved(precision=precision, cpu=not torch.cuda.is_available(), deepspeed=deepspeed)
+    resolved = train_args.Resolved(precision=precision, cpu=not torch.cuda.is_available(), deepspeed=deepspeed,
+                                   compile=resolve_compile(cfg.train.compile, deepspeed))
     args: dict[str, Any] = dict(
         report_to="none",  # TensorBoard is medgen's own callback, writing to <run.dir>/tensorboard (_tensorboard)
         ddp_find_unused_parameters=False,
@@ -457,8 +466,8 @@ def run(cfg: Config) -> dict[str, Any]:
     watchdog.progress("save adapter")
     adapter_dir = cfg.layout.adapter
     _save_atomic(trainer, adapter_dir, lambda tmp: provenance.write(
-        cfg, "train", tmp, precision=setup.precision, world_size=args.world_size, data_streams=setup.shape.streams,
-        lora_targets=setup.targets, tokens_per_step=_tokens_per_step(cfg, args.world_size),
+        cfg, "train", tmp, precision=setup.precision, compiled=args.torch_compile, world_size=args.world_size,
+        data_streams=setup.shape.streams, lora_targets=setup.targets, tokens_per_step=_tokens_per_step(cfg, args.world_size),
         tokenizer_fingerprint=models.tokenizer_fingerprint(setup.tokenizer),
         adapter_fingerprint=models.adapter_fingerprint(tmp), steps=trainer.state.global_step, adapter_step=step,
         adapter_choice=why, stopped=(vstate.stopped if vstate else "") or "train.max_steps reached",
@@ -542,7 +551,8 @@ def _resume(cfg: Config, setup: TrainSetup, checkpoints: Checkpoints, resume: Pa
         Path(cfg.run.dir).mkdir(parents=True, exist_ok=True)
         checkpoints.remove_partial()
         log.info("train: %s + LoRA r=%d on %s, %s, %d steps x %d tokens, %d processes, %d data streams, "
-                 "%.0f MFLOP per token%s", cfg.model.name_or_path, cfg.lora.r, setup.targets, setup.precision,
+                 "%.0f MFLOP per token%s", cfg.model.name_or_path, cfg.lora.r, setup.targets,
+                 setup.precision + (", compiled" if args.torch_compile else ""),
                  t.max_steps, _tokens_per_step(cfg, args.world_size), args.world_size, setup.shape.streams,
                  throughput.flops_per_token(trainer.model, t.max_length) / 1e6,
                  f", resuming from {resume}" if resume else "")

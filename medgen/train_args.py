@@ -11,11 +11,12 @@ from typing import Any, Callable, NamedTuple
 
 @dataclass(frozen=True)
 class Resolved:
-    """What train decides at start-up, beyond the config: the precision and where the run trains."""
+    """What train decides at start-up, beyond the config: the precision, where the run trains, compiled or not."""
 
     precision: str  # bf16 | fp16 | fp32
     cpu: bool
     deepspeed: bool
+    compile: bool = False
 
 
 class Arg(NamedTuple):
@@ -44,6 +45,7 @@ ARGS: tuple[Arg, ...] = (
     # SFTConfig's own defaults (bf16=True, gradient_checkpointing=True, lr 2e-5) are overridden on purpose
     Arg("bf16", "train.precision", lambda cfg, r: r.precision == "bf16"),
     Arg("fp16", "train.precision", lambda cfg, r: r.precision == "fp16"),
+    Arg("torch_compile", "train.compile", lambda cfg, r: r.compile),
     Arg("gradient_checkpointing", "train.gradient_checkpointing", _t("gradient_checkpointing")),
     Arg("logging_steps", "train.logging_steps", _t("logging_steps")),
     # always "steps": the Trainer then checkpoints the last step too, so a finished run can be extended

@@ -81,17 +81,18 @@ def test_names_only_a_stage_knows_are_checked_by_validate():
     with pytest.raises(ConfigError) as e:
         config.load_config(str(ROOT / "configs/tiny.yaml"), [
             "data.clean_rules=[html, nonsense]", "data.languages=[en, english]", "lora.top_layers=3",
-            "train.sft_args={learning_rate: 0.1, ignore_data_skip: false, torch_compile: false}"])
+            "train.sft_args={learning_rate: 0.1, ignore_data_skip: false, torch_compile: false, adam_beta2: 0.99}"])
     assert e.value.problems == [
         "data.clean_rules: unknown rule 'nonsense' (known: html, image_credits, urls, emails, mentions, emoji, "
         "special_chars, whitespace)",
         e.value.problems[1],
         "train.sft_args.learning_rate: medgen sets this itself; use train.learning_rate",
         "train.sft_args.ignore_data_skip: medgen sets this itself (exact resume and the packed data stream rely on it)",
+        "train.sft_args.torch_compile: medgen sets this itself; use train.compile",
         "lora.top_layers: 3 is more than the 2 layers of tiny-gpt2",
     ]
     assert e.value.problems[1].startswith("data.languages: unknown language code 'english'; use ISO 639-1 codes")
-    config.load_config(str(ROOT / "configs/tiny.yaml"), ["lora.top_layers=2", "train.sft_args={torch_compile: false}"])
+    config.load_config(str(ROOT / "configs/tiny.yaml"), ["lora.top_layers=2", "train.sft_args={adam_beta2: 0.99}"])
 
 
 def test_credentials_in_storage_options_are_refused_without_echoing_them():

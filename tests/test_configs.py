@@ -46,7 +46,7 @@ def pinned(path):
 
 def test_the_auto_fields_are_the_ones_documented():
     assert set(auto_fields()) == {"data.workers", "train.precision", "eval.threads", "generate.batch_size",
-                                   "train.data_streams"}
+                                   "train.data_streams", "train.compile"}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)

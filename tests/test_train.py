@@ -126,6 +126,24 @@ def test_resume_after_interruption_is_exact(tmp_path, shards, reference, nproc, 
     assert _samples(resumed) == _samples(reference[nproc])  # no block trained twice or skipped
 
 
+def _losses(run_dir: Path) -> list[float]:
+    return [r["loss"] for r in map(json.loads, (run_dir / "train_log.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def test_compiled_training_trains_what_eager_training_does(tmp_path, shards):
+    """train.compile=true (a GPU's default; here inductor's CPU kernels): the same blocks, losses and adapter as the
+    eager run within the rounding of fused kernels, with medgen's loss and activation savers compiled in, and
+    the run's record says it was compiled."""
+    same = ("train.batch_size=4", "lora.dropout=0", "train.validate=false")  # dropout: inductor draws its own masks
+    eager, compiled = _run(1, tmp_path / "eager", shards, *same), _run(1, tmp_path / "c", shards, *same, "train.compile=true")
+    assert ", fp32, compiled, " in (tmp_path / "c.stderr").read_text()
+    resolved = [json.loads((r / "adapter" / "medgen_config.json").read_text())["resolved"] for r in (eager, compiled)]
+    assert [r["compiled"] for r in resolved] == [False, True]
+    assert _samples(compiled) == _samples(eager)
+    assert max(abs(a - b) / abs(b) for a, b in zip(_losses(compiled), _losses(eager), strict=True)) < 1e-5
+    assert max_diff(adapter(compiled), adapter(eager)) < 1e-5
+
+
 def test_checkpoints_keep_the_last_k_complete(tmp_path, shards):
     run = _run(1, tmp_path / "k", shards, "train.save_steps=2", "train.keep_checkpoints=2")
     assert sorted(p.name for p in (run / "checkpoints").glob("step-*")) == ["step-6", "step-8"]

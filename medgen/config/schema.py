@@ -200,6 +200,11 @@ class TrainConfig:
         "auto", "auto = bf16 where the hardware has fast bf16 (CUDA, or a CPU with avx512_bf16/AMX), else fp32.",
         auto="auto",
     )
+    compile: Literal["auto"] | bool = opt(
+        "auto", "torch.compile the model being trained: auto = on a GPU without DeepSpeed (1.45x tokens/s measured on "
+        "an H100), not on a CPU (slower there: bench/RESULTS.md); losses change in the last digits (fused kernels).",
+        auto="auto",
+    )
     packing: Literal["wrapped", "documents"] = opt(
         "wrapped", "wrapped: documents joined with eos and cut anywhere; documents: position ids restart per document."
     )
