@@ -34,7 +34,7 @@ from medgen import atomic, models, openai_batch, provenance, watchdog
 from medgen.config import ASSETS, Config, GenerateConfig
 from medgen.data.prompts import STDIN, looks_jsonl, parse_prompts, read_prompts
 from medgen.data.storage import disk_errors
-from medgen.dist import init_distributed
+from medgen.dist import barrier, init_distributed
 from medgen.errors import UserError
 from medgen.logs import Progress
 
@@ -355,7 +355,7 @@ def _complete_once(cfg: Config, state, items: list[dict[str, Any]], out: OutputS
                    record: bool = False, judge: LazyJudge | None = None) -> None:
     """Every item of ``items`` completed once into ``out``, whatever ran before and on however many ranks."""
     out_dir = out.final.parent
-    _check_job(out_dir, out)
+    _check_job(out_dir, out, state.is_main_process)
     part = out_dir / f"{out.prefix}part-{state.process_index:05d}-of-{state.num_processes:05d}.jsonl"
     _repair(part)  # only this rank appends to it: cut a torn last line before adding to it
     done = _read_done(out_dir, out.prefix)
@@ -459,19 +459,40 @@ def _check_prompts(items: list[dict[str, Any]], done: dict[Key, str]) -> None:
                             "new id, or use another run.dir")
 
 
-def _check_job(out_dir: Path, out: OutputSet) -> None:
-    """Refuse to mix completions of different models or settings in one file; record this job's settings."""
+def _check_job(out_dir: Path, out: OutputSet, main: bool) -> None:
+    """Refuse to mix completions of different models or settings in one file; record this job's settings.
+    Completions of an adapter the run no longer has (training went on, or ran again) are set aside, and made
+    again with the run's adapter: a pipeline rerun after training brings its outputs up to date."""
     path, want = out_dir / f"{out.prefix}job.json", out.header
     if path.exists() and list(out_dir.glob(f"{out.prefix}part-*.jsonl")):
         have = json.loads(path.read_text(encoding="utf-8"))
         diff = [f"params.{k}" for k in sorted(set(want["params"]) | set(have.get("params", {})))
                 if want["params"].get(k) != have.get("params", {}).get(k)]
         diff += [k for k in want if k != "params" and have.get(k) != want[k]]
-        if diff:
+        if diff == ["adapter_fingerprint"] and have["adapter_fingerprint"] and want["adapter_fingerprint"]:
+            barrier()  # every rank has read the files before they move
+            if main:
+                _set_aside(out_dir, out, have["adapter_fingerprint"], want["adapter_fingerprint"])
+            barrier()
+        elif diff:
             raise UserError(f"{out_dir} holds completions made with other settings ({', '.join(diff)}); "
                             "use another run.dir, or delete that folder to start over")
-        return
+        else:
+            return
     atomic.write_text(path, json.dumps(want, indent=2) + "\n")  # ranks may race here, harmlessly
+
+
+def _set_aside(out_dir: Path, out: OutputSet, old: str, new: str) -> None:
+    """Move the completions of adapter ``old`` (parts, settings, merged files) into their own folder."""
+    folder = out_dir / f"{out.prefix}superseded-{old.removeprefix('sha256:')[:16]}"
+    files = [*out_dir.glob(f"{out.prefix}part-*.jsonl"), out_dir / f"{out.prefix}job.json", out.final,
+             *([out.batch_output] if out.batch_output else [])]
+    folder.mkdir(exist_ok=True)
+    for f in files:
+        if f.exists():
+            os.replace(f, folder / f.name)
+    log.warning("generate: %s held completions of adapter %s; the run's adapter is now %s (trained again or "
+                "further): they are in %s, generating again", out_dir, old, new, folder)
 
 
 def _merge(out_dir: Path, prefix: str, items: list[dict[str, Any]], final: Path) -> None:

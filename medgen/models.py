@@ -16,7 +16,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from medgen import atomic
 from medgen.errors import UserError
@@ -240,8 +240,10 @@ def tokenizer_fingerprint(tok) -> str:
     return "sha256:" + hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def files_fingerprint(path: str, patterns: tuple[str, ...] = ("*.safetensors", "config.json")) -> str:
-    """Hash of the weight and config files of a model or adapter directory ('' for a hub id not on disk)."""
+def files_fingerprint(path: str, patterns: tuple[str, ...] = ("*.safetensors", "config.json"),
+                      canonical: dict[str, Callable[[bytes], bytes]] | None = None) -> str:
+    """Hash of the weight and config files of a model or adapter directory ('' for a hub id not on disk);
+    ``canonical``: file name -> what of its bytes is hashed (the same content written another way, one hash)."""
     p = Path(path)
     if not p.is_dir():
         return ""
@@ -249,15 +251,29 @@ def files_fingerprint(path: str, patterns: tuple[str, ...] = ("*.safetensors", "
     for pat in patterns:
         for f in sorted(p.glob(pat)):
             h.update(f.name.encode())
+            if canonical and f.name in canonical:
+                h.update(canonical[f.name](f.read_bytes()))
+                continue
             with open(f, "rb") as fh:
                 for block in iter(lambda: fh.read(1 << 22), b""):
                     h.update(block)
     return "sha256:" + h.hexdigest()[:16]
 
 
+def _canonical_adapter_config(raw: bytes) -> bytes:
+    """peft keeps target_modules as a set and writes it in the order of the process's string hashing: the same
+    adapter saved by two processes had two fingerprints (and a rerun's outputs looked stale)."""
+    cfg = json.loads(raw)
+    for k in ("target_modules", "exclude_modules", "modules_to_save"):
+        if isinstance(cfg.get(k), list):
+            cfg[k] = sorted(cfg[k], key=str)
+    return json.dumps(cfg, sort_keys=True).encode()
+
+
 def adapter_fingerprint(adapter_dir: str | os.PathLike) -> str:
     """Hash of a saved adapter's weights and config: which adapter produced a metric or a completion."""
-    return files_fingerprint(str(adapter_dir), ("*.safetensors", "adapter_config.json"))
+    return files_fingerprint(str(adapter_dir), ("*.safetensors", "adapter_config.json"),
+                             {"adapter_config.json": _canonical_adapter_config})
 
 
 def layers(name_or_path: str) -> int:

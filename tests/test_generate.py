@@ -197,6 +197,34 @@ def test_rerun_skips_done_and_refuses_other_settings(run_dir, tmp_path):
                               "generate.max_new_tokens=4"))
 
 
+def test_completions_of_an_adapter_the_run_no_longer_has_are_set_aside_and_made_again(run_dir, tmp_path, caplog):
+    """Training went on (a larger train.max_steps) and `medgen run` again: generate brings its output up to date,
+    keeps the old completions in their own folder, and the base model's completions, whose model did not
+    change, are not made again."""
+    from safetensors.torch import load_file, save_file
+
+    prompts = write_jsonl(tmp_path / "p.jsonl", make_prompts(3))
+    cfg = tiny_cfg(run_dir, f"generate.prompts={prompts}", "generate.max_new_tokens=4", "generate.base_prompts=2")
+    generate.run(cfg)
+    gen = run_dir / "generations"
+    before, base = read_final(run_dir), (gen / "base.jsonl").read_bytes()
+    weights = run_dir / "adapter" / "adapter_model.safetensors"
+    save_file({k: v * 3 for k, v in load_file(weights).items()}, weights)  # another adapter in its place
+    with caplog.at_level("WARNING"):
+        generate.run(cfg)
+    after = read_final(run_dir)
+    old_fp, new_fp = before[0]["adapter_fingerprint"], after[0]["adapter_fingerprint"]
+    assert old_fp != new_fp and {r["adapter_fingerprint"] for r in after} == {new_fp}
+    aside = gen / f"superseded-{old_fp.removeprefix('sha256:')[:16]}"
+    assert [json.loads(x) for x in (aside / "generations.jsonl").read_text().splitlines()] == before
+    assert list(aside.glob("part-*.jsonl")) and (aside / "job.json").exists()
+    assert f"held completions of adapter {old_fp}; the run's adapter is now {new_fp}" in caplog.text
+    assert (gen / "base.jsonl").read_bytes() == base and not list(gen.glob("base-superseded-*"))
+    with pytest.raises(UserError, match=r"other settings \(params.max_new_tokens\)"):  # other changes still refused
+        generate.run(tiny_cfg(run_dir, f"generate.prompts={prompts}", "generate.max_new_tokens=5",
+                              "generate.base_prompts=2"))
+
+
 # --------------------------------------------------------------------------- acceptance, real subprocesses
 
 

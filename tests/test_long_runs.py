@@ -149,6 +149,13 @@ def test_a_finished_run_extended_trains_on_the_schedule_configured_now(tmp_path,
     assert [extended[s] for s in range(5, 9)] == [straight[s] for s in range(5, 9)]
     assert extended[4] != straight[4]  # the first 4 steps did follow a 4-step schedule
     assert _blocks(run)[4:] == _blocks(uninterrupted[1])[4:]  # the data stream goes on where it stopped
+    # started again once finished: nothing trained, the same adapter saved (the same fingerprint: what
+    # evaluate and generate check their outputs against)
+    fingerprint = lambda: json.loads((run / "adapter" / "medgen_config.json").read_text())["resolved"][  # noqa: E731
+        "adapter_fingerprint"]
+    before = fingerprint()
+    err = _run(1, run, shards, "train.save_steps=0").stderr
+    assert "the run already trained its 8 steps: nothing left to train" in err and fingerprint() == before
 
 
 def test_a_changed_learning_rate_applies_from_the_first_resumed_step(tmp_path, shards):

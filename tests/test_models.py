@@ -1,4 +1,7 @@
+import json
+
 import pytest
+import torch
 
 from medgen import models
 
@@ -62,3 +65,21 @@ def test_smollm2_layer_count_known_to_validate_is_the_gguf_files():
 
     c = AutoConfig.from_pretrained(models._smollm2_dir(), gguf_file=models.SMOLLM2_GGUF)
     assert c.num_hidden_layers == models.BUILTIN_LAYERS["smollm2-135m"]
+
+
+def test_an_adapter_saved_again_keeps_its_fingerprint(tmp_path):
+    """peft writes target_modules (a set) in the order of the process's string hashing: the fingerprint reads it
+    as a set, and still tells other weights or another config apart."""
+    from safetensors.torch import save_file
+
+    def saved(name: str, modules: list[str], scale: float = 1.0, r: int = 16):
+        d = tmp_path / name
+        d.mkdir()
+        save_file({"lora_A": torch.ones(2, 2) * scale}, d / "adapter_model.safetensors")
+        (d / "adapter_config.json").write_text(json.dumps({"r": r, "target_modules": modules}, indent=2))
+        return models.adapter_fingerprint(d)
+
+    one = saved("a", ["c_attn", "c_proj", "c_fc"])
+    assert one == saved("b", ["c_fc", "c_attn", "c_proj"])
+    assert len({one, saved("c", ["c_attn", "c_fc"]), saved("d", ["c_attn", "c_proj", "c_fc"], scale=2.0),
+                saved("e", ["c_attn", "c_proj", "c_fc"], r=8)}) == 4
