@@ -469,7 +469,7 @@ def _check_job(out_dir: Path, out: OutputSet, main: bool) -> None:
         diff = [f"params.{k}" for k in sorted(set(want["params"]) | set(have.get("params", {})))
                 if want["params"].get(k) != have.get("params", {}).get(k)]
         diff += [k for k in want if k != "params" and have.get(k) != want[k]]
-        if diff == ["adapter_fingerprint"] and have["adapter_fingerprint"] and want["adapter_fingerprint"]:
+        if diff == ["adapter_fingerprint"] and have.get("adapter_fingerprint") and want["adapter_fingerprint"]:
             barrier()  # every rank has read the files before they move
             if main:
                 _set_aside(out_dir, out, have["adapter_fingerprint"], want["adapter_fingerprint"])

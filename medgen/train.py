@@ -386,7 +386,8 @@ def _what_a_checkpoint_holds(cfg: Config, manifest: dict[str, Any]) -> dict[str,
     blocks): a resume with others is refused (Checkpoints.same_run), where the model would fail to load the
     adapter, or the streams would go on in another dataset."""
     m, lo, t = cfg.model, cfg.lora, cfg.train
-    return {"model.name_or_path": m.name_or_path, "model.revision": m.revision, "lora.r": lo.r, "lora.alpha": lo.alpha,
+    model = os.path.realpath(m.name_or_path) if os.path.isdir(m.name_or_path) else m.name_or_path  # one spelling
+    return {"model.name_or_path": model, "model.revision": m.revision, "lora.r": lo.r, "lora.alpha": lo.alpha,
             "lora.target_modules": list(lo.target_modules), "lora.top_layers": lo.top_layers,
             "train.max_length": t.max_length, "train.packing": t.packing,
             "the prepared data (its manifest's config_hash)": manifest.get("config_hash")}
