@@ -52,10 +52,11 @@ def paired(a: np.ndarray, b: np.ndarray) -> list[float]:
 
 
 def _train_time(rows: list[dict]) -> float | None:
-    """Trainer's own train_runtime (the last record) if logged, else first to last logged step."""
-    end = next((r["train_runtime"] for r in reversed(rows) if "train_runtime" in r), None)
-    if end is not None:
-        return float(end)
+    """The Trainer's own train_runtime, summed over the calls that trained the run (a run stopped by a signal and
+    resumed, or extended, logs one per call; a kill -9 logs none for its call), else first to last logged step."""
+    runtimes = [float(r["train_runtime"]) for r in rows if "train_runtime" in r]
+    if runtimes:
+        return sum(runtimes)
     times = [r["time"] for r in rows if "time" in r]
     return times[-1] - times[0] if len(times) > 1 else None
 

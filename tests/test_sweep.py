@@ -319,3 +319,16 @@ def test_the_headline_names_the_points_the_best_cannot_be_told_apart_from():
     assert lines[0].startswith("**Not distinguishable** on the test articles: `a` and `b` (the paired 95% interval")
     res["points"][1]["vs_best"]["ci95"] = [0.1, 2.0]
     assert compare._indistinguishable(res) == []
+
+
+def test_a_resumed_points_training_time_counts_every_call():
+    from medgen.compare import _train_time
+
+    one_call = [{"step": 1, "time": 10.0, "loss": 2.0}, {"step": 2, "time": 20.0, "loss": 1.9},
+                {"step": 2, "time": 20.5, "train_runtime": 12.5}]
+    assert _train_time(one_call) == 12.5
+    # stopped by SIGTERM after step 2 (the Trainer logged that call's runtime), resumed to step 4
+    resumed = [*one_call, {"step": 3, "time": 90.0, "loss": 1.8}, {"step": 4, "time": 95.0, "loss": 1.7},
+               {"step": 4, "time": 95.5, "train_runtime": 7.0}]
+    assert _train_time(resumed) == 19.5
+    assert _train_time([r for r in resumed if "train_runtime" not in r]) == 85.0  # no runtime logged: first to last
