@@ -399,11 +399,12 @@ def _shape(cfg: Config, manifest: dict[str, Any], holds: dict[str, Any]) -> tupl
     starts); ``cfg`` with it applied."""
     t, world = cfg.train, int(os.environ.get("WORLD_SIZE", "1"))
     newest = Checkpoints(cfg.layout.checkpoints, t.keep_checkpoints).newest()
+    info = Checkpoints.info(newest) if newest else {}
     if newest is not None:
-        Checkpoints.same_run(Checkpoints.info(newest).get("run"), holds, newest)
+        Checkpoints.same_run(info.get("run"), holds, newest)
     if newest is None:
         shape = elastic.first_start(t, world, len(manifest["splits"]["train"]["shards"]))
-    elif "shape" in (info := Checkpoints.info(newest)):
+    elif "shape" in info:
         shape = elastic.resumed(t, world, info["shape"], str(newest))
         note = elastic.describe_change(info["shape"], shape)
         if note and int(os.environ.get("RANK", "0")) == 0:
@@ -449,11 +450,12 @@ def run(cfg: Config) -> dict[str, Any]:
     trainer, args = setup.trainer, setup.trainer.args
     checkpoints = Checkpoints(Path(args.output_dir), t.keep_checkpoints)
     resume = checkpoints.newest()
-    vstate = validate.State.from_dict(Checkpoints.info(resume).get("validation") if resume else None) \
+    info = Checkpoints.info(resume) if resume else {}  # what its commit recorded (medgen/checkpoint.py)
+    vstate = validate.State.from_dict(info.get("validation")) \
         if setup.validator else None
     signals = Signals()
     stop = _add_callbacks(cfg, setup, checkpoints, signals, vstate)
-    _resume(cfg, setup, checkpoints, resume, stopped=bool(vstate and vstate.stopped))
+    _resume(cfg, setup, checkpoints, resume, info, stopped=bool(vstate and vstate.stopped))
     signals.install()
     try:
         result = _train(trainer, resume, Path(cfg.run.dir), checkpoints)
@@ -535,10 +537,11 @@ def _add_callbacks(cfg: Config, setup: TrainSetup, checkpoints: Checkpoints, sig
     return stop
 
 
-def _resume(cfg: Config, setup: TrainSetup, checkpoints: Checkpoints, resume: Path | None, stopped: bool) -> None:
-    """From the newest complete checkpoint (None: a fresh start): the streams' positions restored, the logs cut
-    back to its step, a partial checkpoint of a killed run removed; nothing left to train once max_steps or an
-    early stop was reached."""
+def _resume(cfg: Config, setup: TrainSetup, checkpoints: Checkpoints, resume: Path | None, info: dict[str, Any],
+            stopped: bool) -> None:
+    """From the newest complete checkpoint (None: a fresh start; ``info``: what its commit recorded): the streams'
+    positions restored, the logs cut back to its step, a partial checkpoint of a killed run removed; nothing left
+    to train once max_steps or an early stop was reached."""
     t, trainer, stream = cfg.train, setup.trainer, setup.stream
     args = trainer.args
     if resume:
@@ -557,7 +560,7 @@ def _resume(cfg: Config, setup: TrainSetup, checkpoints: Checkpoints, resume: Pa
                  t.max_steps, _tokens_per_step(cfg, args.world_size), args.world_size, setup.shape.streams,
                  throughput.flops_per_token(trainer.model, t.max_length) / 1e6,
                  f", resuming from {resume}" if resume else "")
-        note = resume and schedule.describe_change(Checkpoints.info(resume).get("schedule"), t, resumed_step)
+        note = resume and schedule.describe_change(info.get("schedule"), t, resumed_step)
         if note:
             log.info("%s", note)
         elif trainer.finished and not stopped:
