@@ -59,7 +59,7 @@ def logging_for(quiet: bool, debug: bool) -> Iterator[None]:
     on exit, so two commands run in one process (tests, notebooks) do not see each other's settings."""
     root = logging.getLogger()
     levels = {name: logging.getLogger(name).level for name in ("", *NOISY)}
-    handler = logging.StreamHandler()
+    handler = logging.StreamHandler(_AboveBars())
     handler.setFormatter(logging.Formatter(FORMAT, datefmt="%H:%M:%S"))
     handler.addFilter(_not_an_orphaned_connection_error)
     handler.addFilter(RedactSecrets([os.environ.get(v, "") for v in SECRET_VARIABLES]))
@@ -67,6 +67,9 @@ def logging_for(quiet: bool, debug: bool) -> Iterator[None]:
     root.setLevel(logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO)
     env = {"TOKENIZERS_PARALLELISM": os.environ.get("TOKENIZERS_PARALLELISM", "true"),
            **({"TQDM_DISABLE": "1"} if quiet else {}),  # read by tqdm and tokenizers when they start work
+           # the hub's and transformers' bars ("Loading weights"), read when they are imported: in a job log
+           # they were carriage-return lines between medgen's
+           **({"HF_HUB_DISABLE_PROGRESS_BARS": "1"} if quiet or not _is_terminal(sys.stderr) else {}),
            # transformers sets its loggers' level when it is first imported, after this: its own variable
            # keeps notices such as the PAD-token alignment out (a user's TRANSFORMERS_VERBOSITY wins)
            **({} if debug else {"TRANSFORMERS_VERBOSITY": os.environ.get("TRANSFORMERS_VERBOSITY", "error")})}
@@ -186,6 +189,22 @@ class Progress:
         return ", ".join(parts)
 
 
+class _AboveBars:
+    """stderr for log lines: while a tqdm bar is on the terminal, a line is written above it (tqdm clears the
+    bar and draws it again below), not into the middle of it. Looked up at each write, as a process (a test) may
+    swap sys.stderr."""
+
+    def write(self, text: str) -> None:
+        tqdm = sys.modules.get("tqdm")
+        if tqdm is not None and len(tqdm.tqdm._instances):
+            tqdm.tqdm.write(text, file=sys.stderr, end="")
+        else:
+            sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def _is_terminal(stream) -> bool:
     try:
         return stream.isatty()
@@ -193,12 +212,61 @@ def _is_terminal(stream) -> bool:
         return False
 
 
-def _bar(what: str, total: float | None, unit: str, leave: bool, stream):
+def _bar(what: str, total: float | None, unit: str, leave: bool, stream, initial: float = 0):
     from tqdm.auto import tqdm
 
     if unit == "bytes":
-        return tqdm(total=total, desc=what, unit="B", unit_scale=True, leave=leave, file=stream)
-    return tqdm(total=total, desc=what, unit=f" {unit}", leave=leave, file=stream)
+        return tqdm(total=total, desc=what, unit="B", unit_scale=True, leave=leave, file=stream, initial=initial)
+    return tqdm(total=total, desc=what, unit=f" {unit}", leave=leave, file=stream, initial=initial)
+
+
+class Steps:
+    """Training's progress, on rank 0: a line per logged step (the step of the total, the loss, the rate and the
+    time left; the numbers train_log.jsonl holds in full), and a bar of the steps where stderr is a terminal. The
+    lines come in a job log and on a terminal alike (there above the bar): they are the run's numbers, not only
+    its progress; train.logging_steps spaces them. The time left is this process's: the steps it trained and the
+    time they took, validation and checkpoints included."""
+
+    def __init__(self, total: int, done: int, logger: str = "medgen", stream=None):
+        self.total, self.done0, self.log = total, done, logging.getLogger(logger)
+        stream = stream or sys.stderr
+        self.shown = self.log.isEnabledFor(logging.INFO)
+        self.bar = _bar("train", total, "steps", True, stream, initial=done) if self.shown and _is_terminal(stream) \
+            else None
+        self.t0 = time.monotonic()
+
+    def step(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def logged(self, step: int, numbers: dict) -> None:
+        if self.shown:
+            took = time.monotonic() - self.t0
+            left = took / (step - self.done0) * (self.total - step) if step > self.done0 else None
+            self.log.info("%s", step_line(step, self.total, numbers, left))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def step_line(step: int, total: int, numbers: dict, left: float | None) -> str:
+    """One logged training step, for a person: ``numbers`` are the step's logs (the Trainer's and medgen's);
+    what a step did not log is left out."""
+    n = numbers
+    parts = [f"train: step {step}/{total}", f"loss {n['loss']:.4f}"]
+    for key, text in (("grad_norm", "grad norm {:.3g}"), ("learning_rate", "lr {:.3g}"),
+                      ("mean_token_accuracy", "token accuracy {:.3f}"), ("entropy", "entropy {:.3f}"),
+                      ("tokens_per_s", "{:.0f} tokens/s"), ("train_fraction", "epoch {:.2f}"),
+                      ("peak_memory_gb", "peak memory {:.2f} GB")):
+        if isinstance(n.get(key), int | float):
+            parts.append(text.format(n[key]))
+    if isinstance(n.get("mfu"), int | float):
+        parts.append(f"MFU {100 * n['mfu']:.1f}%")
+    if left:
+        parts.append(f"about {_duration(left)} left")
+    return ", ".join(parts)
 
 
 def _amount(x: float, unit: str) -> tuple[str, str]:

@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from transformers import TrainerCallback
+from transformers import PrinterCallback, ProgressCallback, TrainerCallback
 from trl import SFTTrainer
 
-from medgen import (allocator, atomic, dist, elastic, lm_loss, memory, models, provenance, schedule, throughput,
-                    tracking, train_args, validate, watchdog)
+from medgen import (allocator, atomic, dist, elastic, lm_loss, logs, memory, models, provenance, schedule,
+                    throughput, tracking, train_args, validate, watchdog)
 from medgen.checkpoint import Checkpoints
 from medgen.config import Config
 from medgen.data import shards, storage
@@ -74,7 +74,7 @@ def sft_config(cfg: Config, precision: str):
     args: dict[str, Any] = dict(
         report_to="none",  # TensorBoard is medgen's own callback, writing to <run.dir>/tensorboard (_tensorboard)
         ddp_find_unused_parameters=False,
-        disable_tqdm=False,
+        disable_tqdm=True,  # the Trainer's bar and printed dicts: medgen's ShowProgress in their place
         log_level_replica="passive",  # the Trainer would set the other ranks' transformers logging to "warning"
     )
     args.update(train_args.managed(cfg, resolved))
@@ -229,6 +229,31 @@ class Throughput(TrainerCallback):
             if self.peak_flops:
                 logs["mfu"] = round(tps * self.flops_per_token / self.peak_flops, 4)
         self.t_last, self.step_last = now, state.global_step
+
+
+class ShowProgress(TrainerCallback):
+    """The steps where a person reads them, on rank 0 (logs.Steps): a line per logged step, with what Throughput
+    added, and a bar on a terminal. In place of the Trainer's own (removed by _add_callbacks): in a job log its bar
+    was carriage returns and its printed logs had neither a time, nor the rate, nor the memory."""
+
+    def __init__(self):
+        self.steps: logs.Steps | None = None
+
+    def on_train_begin(self, args, state, control, **kw):
+        if state.is_world_process_zero:
+            self.steps = logs.Steps(state.max_steps, state.global_step)
+
+    def on_step_end(self, args, state, control, **kw):
+        if self.steps:
+            self.steps.step()
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if self.steps and logs and "loss" in logs:
+            self.steps.logged(state.global_step, logs)
+
+    def on_train_end(self, args, state, control, **kw):
+        if self.steps:
+            self.steps.close()
 
 
 class TrainLog(TrainerCallback):
@@ -527,12 +552,14 @@ def _add_callbacks(cfg: Config, setup: TrainSetup, checkpoints: Checkpoints, sig
     checking = [validate.Validate(cfg, setup.validator, vstate, trainer)] if setup.validator else []
     rate = Throughput(_tokens_per_step(cfg, args.world_size), throughput.flops_per_token(trainer.model, cfg.train.max_length),
                       throughput.device_peak(args.device, setup.precision), setup.split_tokens)
-    # the train log and TensorBoard after Throughput: they see what it adds to the logs
+    for theirs in (PrinterCallback, ProgressCallback):  # ShowProgress instead
+        trainer.remove_callback(theirs)
+    # the log lines, the train log and TensorBoard after Throughput: they see what it adds to the logs
     for cb in (MarkProgress(), SampleLog(cfg.layout, setup.collator), *checking, stop,
                CommitCheckpoint(checkpoints, setup.stream, vstate, {
                    "shape": setup.shape.as_dict(), "schedule": schedule.record(cfg.train), "run": setup.holds}),
                schedule.ReapplySchedule(trainer),
-               rate, TrainLog(cfg.layout, rate), *_tensorboard(cfg, args)):
+               rate, ShowProgress(), TrainLog(cfg.layout, rate), *_tensorboard(cfg, args)):
         trainer.add_callback(cb)
     return stop
 
@@ -554,10 +581,11 @@ def _resume(cfg: Config, setup: TrainSetup, checkpoints: Checkpoints, resume: Pa
         _truncate_log(cfg.layout.train_log, resumed_step)
         Path(cfg.run.dir).mkdir(parents=True, exist_ok=True)
         checkpoints.remove_partial()
-        log.info("train: %s + LoRA r=%d on %s, %s, %d steps x %d tokens, %d processes, %d data streams, "
+        log.info("train: %s + LoRA r=%d on %s, %s, %d steps x %d tokens, %s, %d data streams, "
                  "%.0f MFLOP per token%s", cfg.model.name_or_path, cfg.lora.r, setup.targets,
                  setup.precision + (", compiled" if args.torch_compile else ""),
-                 t.max_steps, _tokens_per_step(cfg, args.world_size), args.world_size, setup.shape.streams,
+                 t.max_steps, _tokens_per_step(cfg, args.world_size),
+                 "1 process" if args.world_size == 1 else f"{args.world_size} processes", setup.shape.streams,
                  throughput.flops_per_token(trainer.model, t.max_length) / 1e6,
                  f", resuming from {resume}" if resume else "")
         note = resume and schedule.describe_change(info.get("schedule"), t, resumed_step)

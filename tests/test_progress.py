@@ -1,6 +1,8 @@
 """logs.Progress, the progress of every long loop: log lines at a steady interval where stderr is not a terminal
-(a SLURM job log), a tqdm bar where it is, never both. Real threads, a real pseudo-terminal, real log records."""
+(a SLURM job log), a tqdm bar where it is, never both; logs.Steps, training's: a line per logged step, and a bar
+on a terminal. Real threads, a real pseudo-terminal, real log records."""
 import io
+import json
 import logging
 import os
 import re
@@ -10,7 +12,7 @@ import time
 import pytest
 
 from medgen.logs import Progress
-from tests.helpers import TINY, medgen
+from tests.helpers import ROOT, TINY, command, medgen
 
 
 @pytest.fixture
@@ -205,3 +207,57 @@ def test_prepare_evaluate_and_generate_log_their_progress_where_stderr_is_not_a_
     gen = progress_lines(err, "generate", 0.1)
     assert (gen[0]["done"], gen[-1]["done"], gen[-1]["total"]) == ("0", "8", "8")
     assert _nondecreasing(gen, "done", "tokens") and 8 <= int(gen[-1]["tokens"]) <= 8 * 8
+
+
+STEP = re.compile(r"train: step (?P<step>\d+)/(?P<total>\d+), loss (?P<loss>\d+\.\d{4}), grad norm \S+, lr \S+"
+                  r"(, (?P<rate>\d+) tokens/s)?, epoch \d+\.\d\d, peak memory \d+\.\d\d GB(, about \S+ left)?")
+
+
+def _under_a_terminal(argv: list[str], columns: int = 160) -> str:
+    """What ``argv`` writes to a real pseudo-terminal of ``columns`` columns (a pty starts 0 wide, where tqdm
+    draws nothing)."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: its stdin, stdout and stderr are the terminal
+        fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))
+        os.chdir(ROOT)
+        os.execvp(argv[0], argv)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        out += chunk
+    assert os.waitpid(pid, 0)[1] == 0, out.decode()[-3000:]
+    return out.decode()
+
+
+@pytest.mark.slow  # two trainings through the CLI
+def test_training_logs_each_logged_step_with_its_numbers_and_draws_a_bar_only_on_a_terminal(tmp_path, shards):
+    """A job log (a pipe): a stamped line per logged step with the numbers of train_log.jsonl, not the Trainer's
+    carriage-return bar and printed dicts, nor transformers' "Loading weights" bar. A terminal: the same lines,
+    above a bar of the steps."""
+    common = [*TINY, f"data.shards={shards}", "train.max_steps=6", "train.logging_steps=2"]
+    err = medgen("train", *common, f"run.dir={tmp_path / 'piped'}").stderr
+    assert "\r" not in err and "%|" not in err and "{'loss'" not in err and "Loading weights" not in err, err
+    stamped = [text for *_, text in STAMP.findall(err) if text.startswith("train: step ")]
+    steps = [STEP.fullmatch(text) for text in stamped]
+    assert all(steps), stamped
+    logged = [json.loads(ln) for ln in (tmp_path / "piped" / "train_log.jsonl").read_text().splitlines()]
+    logged = [r for r in logged if "loss" in r]
+    assert [int(m["step"]) for m in steps] == [r["step"] for r in logged] == [2, 4, 6]
+    assert [m["loss"] for m in steps] == [f"{r['loss']:.4f}" for r in logged]
+    assert all(m["total"] == "6" for m in steps) and steps[1]["rate"] == f"{logged[1]['tokens_per_s']:.0f}"
+
+    drawn = _under_a_terminal(command("train", *common, f"run.dir={tmp_path / 'terminal'}"))
+    assert re.search(r"train: +100%\|[^\r\n]*\| 6/6 ", drawn), drawn  # the bar, complete
+    lines = [ln.strip("\r") for ln in drawn.split("\n")]
+    assert [STEP.search(ln)["step"] for ln in lines if STEP.search(ln)] == ["2", "4", "6"], drawn
+    assert "{'loss'" not in drawn

@@ -225,7 +225,9 @@ class TrainConfig:
         "0 as in torchtune and litgpt: attention runs fused and no random mask is drawn (bench/RESULTS.md); "
         "lora.dropout regularises the adapter where wanted.", ge=0, lt=1,
     )
-    logging_steps: int = opt(1, "Log loss, lr and tokens/s every N steps.", gt=0)
+    logging_steps: int = opt(1, "Log the loss, grad norm, lr, tokens/s, MFU and peak memory every N steps: a line in "
+                             "the log (on a terminal above a bar of the steps), train_log.jsonl, TensorBoard, trackers.",
+                             gt=0)
     token_metrics: bool = opt(False, "Also log TRL's entropy and mean_token_accuracy: a pass over the full vocabulary "
                               "and three collectives plus a host sync every micro-batch (medgen/lm_loss.py); the loss "
                               "and the adapter are the same either way.")
