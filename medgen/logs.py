@@ -192,11 +192,15 @@ class Progress:
 class _AboveBars:
     """stderr for log lines: while a tqdm bar is on the terminal, a line is written above it (tqdm clears the
     bar and draws it again below), not into the middle of it. Looked up at each write, as a process (a test) may
-    swap sys.stderr."""
+    swap sys.stderr. Not in a forked child (prepare's workers): the bars it inherited are its parent's, and so
+    may be the state of tqdm's lock."""
+
+    def __init__(self):
+        self.pid = os.getpid()
 
     def write(self, text: str) -> None:
         tqdm = sys.modules.get("tqdm")
-        if tqdm is not None and len(tqdm.tqdm._instances):
+        if tqdm is not None and len(tqdm.tqdm._instances) and os.getpid() == self.pid:
             tqdm.tqdm.write(text, file=sys.stderr, end="")
         else:
             sys.stderr.write(text)
