@@ -395,6 +395,8 @@ def build_trainer(cfg: Config) -> TrainSetup:
     trainer = MedgenSFTTrainer(model=model, args=args, train_dataset=as_hf_iterable(dataset), processing_class=tok,
                                peft_config=peft_config, data_collator=collator, stream=dataset,
                                loraplus_ratio=t.loraplus_lr_ratio, token_metrics=t.token_metrics)
+    for theirs in (PrinterCallback, ProgressCallback):  # medgen's ShowProgress instead (_add_callbacks)
+        trainer.remove_callback(theirs)
     memory.shared_lora_input(trainer.model)  # the LoRA layers exist now
     if dist.deepspeed_requested(t.deepspeed) and not trainer.is_deepspeed_enabled:  # never plain DDP in its place
         raise UserError("train: DeepSpeed was asked for, but accelerate set up training without it")
@@ -552,8 +554,6 @@ def _add_callbacks(cfg: Config, setup: TrainSetup, checkpoints: Checkpoints, sig
     checking = [validate.Validate(cfg, setup.validator, vstate, trainer)] if setup.validator else []
     rate = Throughput(_tokens_per_step(cfg, args.world_size), throughput.flops_per_token(trainer.model, cfg.train.max_length),
                       throughput.device_peak(args.device, setup.precision), setup.split_tokens)
-    for theirs in (PrinterCallback, ProgressCallback):  # ShowProgress instead
-        trainer.remove_callback(theirs)
     # the log lines, the train log and TensorBoard after Throughput: they see what it adds to the logs
     for cb in (MarkProgress(), SampleLog(cfg.layout, setup.collator), *checking, stop,
                CommitCheckpoint(checkpoints, setup.stream, vstate, {
