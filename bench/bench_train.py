@@ -133,8 +133,11 @@ def worker(spec_file: str) -> None:
 
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     device = trainer.args.device
+    from torch._dynamo.utils import counters  # where torch.compile split the step (0 without compile)
+
+    graph_breaks = sum(counters["graph_break"].values())
     print(json.dumps({"tokens_per_s": clock.rate(), "medgen": str(Path(medgen.__file__).parents[1]), "losses": losses,
-                      "malloc": malloc,
+                      "malloc": malloc, "compiled": bool(trainer.args.torch_compile), "graph_breaks": graph_breaks,
                       "peak_memory_gb": peak_memory_gb(device),
                       "memory_before_train_gb": None if device.type == "cuda" else before,
                       "adapter": spec["adapter_out"]}))

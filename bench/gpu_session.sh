@@ -52,6 +52,7 @@ for name in ("train", "train-eager"):
     now = r["medgen"].get("now", {})
     print(f"{name}: medgen {r['medgen_tokens_per_s']:,.0f} tokens/s" + (f", MFU {r['mfu']:.1%}" if r.get("mfu") else "")
           + f", peak {now.get('peak_memory_gb', float('nan')):.1f} GB"
+          + (f", compiled with {now.get('graph_breaks')} graph breaks" if now.get("compiled") else ", eager")
           + "".join(f"; TRL {k} {b['tokens_per_s']:,.0f} ({b['medgen_speedup']:.2f}x)" for k, b in r["trl"].items()))
 for name in ("eval", "generate"):
     log = (out / f"{name}.log").read_text() if (out / f"{name}.log").exists() else ""

@@ -90,7 +90,8 @@ class RunConfig:
     )
     progress_every: float = opt(
         DEFAULT_EVERY, "Seconds between the progress lines of prepare, evaluate, validation and generate where "
-        "stderr is not a terminal (a SLURM job log, a pipe; docs/slurm.md); on a terminal a progress bar instead.",
+        "stderr is not a terminal (a SLURM job log, a pipe; docs/slurm.md); on a terminal a progress bar instead. "
+        "Training logs a line per logged step (train.logging_steps).",
         ge=0.1, le=3600,
     )
 
