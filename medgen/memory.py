@@ -147,3 +147,37 @@ def shared_lora_input(model) -> int:
                 a.register_forward_pre_hook(hook)
                 hooked += 1
     return hooked
+
+
+# --------------------------------------------------------------------------- a step that does not fit
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """A GPU's out-of-memory error, or a CPU allocation that failed (torch's allocator under a job's address-space
+    limit, or Python's own). The kernel's OOM killer leaves no error to catch: the job log ends and SLURM says
+    OUT_OF_MEMORY."""
+    return isinstance(e, torch.OutOfMemoryError | MemoryError) or (
+        isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
+
+
+def out_of_memory(args, kept: str) -> str:
+    """One line for a training step that did not fit, with the settings that make it fit: the micro-batch halved
+    and the accumulation doubled (the same sequences per optimizer step, so the same training within rounding;
+    a resumed run keeps its global batch and takes the new micro-batch, medgen/elastic.py), else what shrinks a
+    single sequence's memory. ``args``: the Trainer's arguments; ``kept``: what a rerun starts from."""
+    batch, accum, length = args.per_device_train_batch_size, args.gradient_accumulation_steps, args.max_length
+    where = "the CPU (an allocation was refused: the machine's memory, or the process's limit, ulimit -v)"
+    if args.device.type == "cuda":
+        index = args.device.index or 0
+        where = (f"{torch.cuda.get_device_name(index)} ({torch.cuda.get_device_properties(index).total_memory / 2**30:.1f}"
+                 f" GiB, {torch.cuda.max_memory_allocated(index) / 2**30:.1f} GiB allocated at the peak)")
+    fixes = []
+    if batch > 1:
+        smaller = max(b for b in range(1, batch) if batch % b == 0)
+        fixes.append(f"set train.batch_size={smaller} train.grad_accum={accum * batch // smaller} (the same {batch * accum} "
+                     "sequences per step per process: the same training within rounding)")
+    if not args.gradient_checkpointing:
+        fixes.append("train.gradient_checkpointing=true (activations recomputed in backward: ~30% slower)")
+    fixes.append("a shorter train.max_length" + (", or lora.top_layers" if batch == 1 else ""))
+    return (f"train: out of memory on {where} in a micro-batch of {batch} x {length} tokens (train.batch_size x "
+            f"train.max_length): {'; or '.join(fixes)}; {kept}")

@@ -603,10 +603,15 @@ def _resume(cfg: Config, setup: TrainSetup, checkpoints: Checkpoints, resume: Pa
 
 def _train(trainer, resume: Path | None, run_dir: Path, checkpoints: Checkpoints):
     """trainer.train; a full disk is one line: the checkpoint being written is never committed (it is
-    removed, freeing its space), the last complete one stays and a rerun resumes from it."""
+    removed, freeing its space), the last complete one stays and a rerun resumes from it. A step that does not
+    fit in memory is one line too, with the settings that make it fit."""
     try:
         return trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     except Exception as e:
+        if memory.is_out_of_memory(e):
+            last = checkpoints.newest()
+            kept = f"a rerun resumes from {last}" if last else "no checkpoint was written"
+            raise UserError(memory.out_of_memory(trainer.args, kept)) from None
         partial = checkpoints.partial(trainer.state.global_step)
         where = partial if partial.exists() else Path(getattr(e, "filename", None) or run_dir)
         if isinstance(e, UserError) or not storage.is_no_space(e, where):

@@ -127,3 +127,46 @@ def test_a_mistyped_run_dir_is_an_error_not_a_base_model_run(tmp_path, tiny_run)
     # asked for explicitly, the base model runs
     out = medgen("generate", *TINY, f"run.dir={typo}", "model.base_only=true", "--prompt", "Hello").stdout
     assert out.strip() or out == "\n"
+
+
+def test_a_step_that_does_not_fit_in_memory_is_one_line_with_the_settings_that_make_it_fit(tmp_path, shards):
+    """A real allocation failure: the training process under an address-space limit (3.5 GB; the tiny model's
+    16 x 1024 micro-batch runs in 3.0) with a micro-batch of 256 x 1024 tokens. On a GPU the same line comes from
+    torch.OutOfMemoryError, with the card and its memory."""
+    import resource
+    import subprocess
+
+    from tests.helpers import ROOT, command
+
+    limit = 3_500_000_000
+    proc = subprocess.run(
+        command("train", *TINY, f"run.dir={tmp_path}", f"data.shards={shards}", "train.max_steps=1",
+                "train.batch_size=256", "train.max_length=1024", "train.validate=false"),
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)))
+    line = _one_line_error(proc, "train: out of memory on the CPU", "a micro-batch of 256 x 1024 tokens")
+    assert line.endswith("set train.batch_size=128 train.grad_accum=2 (the same 256 sequences per step per process: "
+                         "the same training within rounding); or train.gradient_checkpointing=true (activations "
+                         "recomputed in backward: ~30% slower); or a shorter train.max_length; no checkpoint was "
+                         "written"), line
+    assert not (tmp_path / "adapter").exists() and not list((tmp_path / "checkpoints").glob("*"))
+
+
+def test_the_advice_keeps_the_sequences_per_step():
+    from types import SimpleNamespace
+
+    import torch
+
+    from medgen.memory import out_of_memory
+
+    def advice(batch, accum, checkpointing=False):
+        args = SimpleNamespace(per_device_train_batch_size=batch, gradient_accumulation_steps=accum, max_length=512,
+                               gradient_checkpointing=checkpointing, device=torch.device("cpu"))
+        return out_of_memory(args, "a rerun resumes from step-4")
+
+    assert "set train.batch_size=3 train.grad_accum=4 (the same 12 sequences" in advice(6, 2)
+    assert "set train.batch_size=1 train.grad_accum=7 (the same 7 sequences" in advice(7, 1)
+    single = advice(1, 8, checkpointing=True)
+    assert "train.batch_size=" not in single and "gradient_checkpointing" not in single
+    assert single.endswith("in a micro-batch of 1 x 512 tokens (train.batch_size x train.max_length): a shorter "
+                           "train.max_length, or lora.top_layers; a rerun resumes from step-4"), single
