@@ -233,7 +233,7 @@ class Throughput(TrainerCallback):
 
 class ShowProgress(TrainerCallback):
     """The steps where a person reads them, on rank 0 (logs.Steps): a line per logged step, with what Throughput
-    added, and a bar on a terminal. In place of the Trainer's own (removed by _add_callbacks): in a job log its bar
+    added, and a bar on a terminal. In place of the Trainer's own (removed by build_trainer): in a job log its bar
     was carriage returns and its printed logs had neither a time, nor the rate, nor the memory."""
 
     def __init__(self):
