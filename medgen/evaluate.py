@@ -22,7 +22,7 @@ from typing import Any, Iterator, NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from medgen import atomic, models, watchdog
+from medgen import atomic, memory, models, watchdog
 from medgen import provenance as run_records
 from medgen.config import Config
 from medgen.data import shards, stream
@@ -258,7 +258,12 @@ def run(cfg: Config) -> dict[str, Any]:
     mine = articles[state.process_index::state.num_processes]  # disjoint by article, no sampler padding
     log.info("evaluate: %d of %d %s articles on rank %d/%d, context %d, stride %d, %d threads", len(mine),
              len(articles), e.split, state.process_index, state.num_processes, context, stride, threads)
-    results, seconds, merge = _score_both(cfg, model, tok, has_adapter, mine, context, stride, state.device)
+    try:
+        results, seconds, merge = _score_both(cfg, model, tok, has_adapter, mine, context, stride, state.device)
+    except Exception as err:
+        if not memory.is_out_of_memory(err):
+            raise
+        raise UserError(memory.scoring_out_of_memory(state.device, e.batch_size, context)) from None
     totals = {k: _all_reduce([math.fsum(x[0] for x in v), sum(x[1] for x in v)], state) for k, v in results.items()}
     bytes_total, n_articles = _all_reduce([sum(a["n_bytes"] for a in mine), len(mine)], state)
     gathered = _gather(_article_rows(mine, results), state)

@@ -160,17 +160,30 @@ def is_out_of_memory(e: BaseException) -> bool:
         isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
 
 
+def _where(device: torch.device) -> str:
+    """The device that ran out, as the line names it: a GPU with its memory and this process's peak on it."""
+    if device.type != "cuda":
+        return "the CPU (an allocation was refused: the machine's memory, or the process's limit, ulimit -v)"
+    index = device.index or 0
+    return (f"{torch.cuda.get_device_name(index)} ({torch.cuda.get_device_properties(index).total_memory / 2**30:.1f}"
+            f" GiB, {torch.cuda.max_memory_allocated(index) / 2**30:.1f} GiB allocated at the peak)")
+
+
+def scoring_out_of_memory(device: torch.device, batch: int, context: int) -> str:
+    """One line for evaluate's scoring that did not fit: fewer windows a pass first (the perplexity does not depend
+    on them), then shorter windows (which changes what is measured)."""
+    fix = (f"set eval.batch_size={batch // 2} (the perplexity does not depend on it)" if batch > 1 else
+           "a shorter eval.context (other windows: a perplexity not comparable with runs at this context)")
+    return (f"evaluate: out of memory on {_where(device)} scoring {batch} windows of up to {context} tokens a pass "
+            f"(eval.batch_size x eval.context): {fix}")
+
+
 def out_of_memory(args, kept: str) -> str:
     """One line for a training step that did not fit, with the settings that make it fit: the micro-batch halved
     and the accumulation doubled (the same sequences per optimizer step, so the same training within rounding;
     a resumed run keeps its global batch and takes the new micro-batch, medgen/elastic.py), else what shrinks a
     single sequence's memory. ``args``: the Trainer's arguments; ``kept``: what a rerun starts from."""
     batch, accum, length = args.per_device_train_batch_size, args.gradient_accumulation_steps, args.max_length
-    where = "the CPU (an allocation was refused: the machine's memory, or the process's limit, ulimit -v)"
-    if args.device.type == "cuda":
-        index = args.device.index or 0
-        where = (f"{torch.cuda.get_device_name(index)} ({torch.cuda.get_device_properties(index).total_memory / 2**30:.1f}"
-                 f" GiB, {torch.cuda.max_memory_allocated(index) / 2**30:.1f} GiB allocated at the peak)")
     fixes = []
     if batch > 1:
         smaller = max(b for b in range(1, batch) if batch % b == 0)
@@ -179,5 +192,5 @@ def out_of_memory(args, kept: str) -> str:
     if not args.gradient_checkpointing:
         fixes.append("train.gradient_checkpointing=true (activations recomputed in backward: ~30% slower)")
     fixes.append("a shorter train.max_length" + (", or lora.top_layers" if batch == 1 else ""))
-    return (f"train: out of memory on {where} in a micro-batch of {batch} x {length} tokens (train.batch_size x "
+    return (f"train: out of memory on {_where(args.device)} in a micro-batch of {batch} x {length} tokens (train.batch_size x "
             f"train.max_length): {'; or '.join(fixes)}; {kept}")

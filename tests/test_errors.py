@@ -2,6 +2,8 @@
 import os
 import time
 
+import pytest
+
 from tests.helpers import TINY, medgen
 
 
@@ -170,3 +172,26 @@ def test_the_advice_keeps_the_sequences_per_step():
     assert "train.batch_size=" not in single and "gradient_checkpointing" not in single
     assert single.endswith("in a micro-batch of 1 x 512 tokens (train.batch_size x train.max_length): a shorter "
                            "train.max_length, or lora.top_layers; a rerun resumes from step-4"), single
+
+
+@pytest.mark.slow  # prepare and evaluate of the real sample
+def test_scoring_that_does_not_fit_in_memory_is_one_line_with_a_batch_that_gives_the_same_perplexity(tmp_path,
+                                                                                                       medium_sample):
+    """evaluate under the same real address-space limit, 128 windows of 1024 tokens a pass (the logits of their
+    scored positions alone are several GB)."""
+    import resource
+    import subprocess
+
+    from tests.helpers import ROOT, command
+
+    common = [*TINY, f"run.dir={tmp_path}", "model.base_only=true"]
+    medgen("prepare", *common, f"data.source={medium_sample}", "data.workers=1")
+    limit = 3_500_000_000
+    proc = subprocess.run(
+        command("evaluate", *common, "eval.batch_size=128", "eval.context=1024", "eval.stride=512"),
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)))
+    line = _one_line_error(proc, "evaluate: out of memory on the CPU")
+    assert line.endswith("scoring 128 windows of up to 1024 tokens a pass (eval.batch_size x eval.context): set "
+                         "eval.batch_size=64 (the perplexity does not depend on it)"), line
+    assert not (tmp_path / "eval" / "metrics.json").exists()
