@@ -30,7 +30,7 @@ from typing import Any, Iterator, TextIO
 import torch
 from transformers import GenerationConfig, LogitsProcessor, StoppingCriteria
 
-from medgen import atomic, models, openai_batch, provenance, watchdog
+from medgen import atomic, memory, models, openai_batch, provenance, watchdog
 from medgen.config import ASSETS, Config, GenerateConfig
 from medgen.data.prompts import STDIN, looks_jsonl, parse_prompts, read_prompts
 from medgen.data.storage import disk_errors
@@ -242,7 +242,23 @@ class Generator:
             while end < len(order) and end - start < size and group[order[end]] == group[order[start]]:
                 end += 1
             chunk = order[start:end]
-            batch = self.complete([items[i] for i in chunk], [ids[i] for i in chunk], configs[chunk[0]])
+            try:
+                batch = self.complete([items[i] for i in chunk], [ids[i] for i in chunk], configs[chunk[0]])
+            except Exception as err:
+                if not memory.is_out_of_memory(err):
+                    raise
+                if len(chunk) == 1:
+                    raise UserError(memory.generation_out_of_memory(
+                        self.device, len(ids[chunk[0]]), configs[chunk[0]].max_new_tokens)) from None
+                batch = None  # the failed batch's tensors go with the exception, before the retry
+            if batch is None:
+                size = len(chunk) // 2  # and again, until a batch fits: a completion does not depend on its batch
+                log.warning("generate: out of memory on %s with %d prompts per batch: %d from here on (set "
+                            "generate.batch_size=%d to start there)", self.device, len(chunk), size, size)
+                self.told_batch = size
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
             done += len(chunk)
             watchdog.progress("generate", done)
             yield batch

@@ -178,6 +178,12 @@ def scoring_out_of_memory(device: torch.device, batch: int, context: int) -> str
             f"(eval.batch_size x eval.context): {fix}")
 
 
+def generation_out_of_memory(device: torch.device, prompt_tokens: int, new_tokens: int) -> str:
+    """One line for a prompt that does not fit alone (generate halves its batch down to one prompt first)."""
+    return (f"generate: out of memory on {_where(device)} with one prompt of {prompt_tokens} tokens and up to "
+            f"{new_tokens} new ones: a shorter prompt or generate.max_new_tokens")
+
+
 def out_of_memory(args, kept: str) -> str:
     """One line for a training step that did not fit, with the settings that make it fit: the micro-batch halved
     and the accumulation doubled (the same sequences per optimizer step, so the same training within rounding;

@@ -296,7 +296,8 @@ class GenerateConfig:
     stop: list[str] = opt([], "Stop strings: a completion ends before the first one it contains (finish_reason stop).")
     num_samples: int = opt(1, "Completions per prompt, one line each with its 'sample' index; > 1 needs do_sample.", gt=0)
     batch_size: int = opt(0, "Prompts per generate() call; 0 = for the device: 64 on a CPU, on a GPU what half its free "
-                          "memory holds as KV cache (at most 256). Does not change the output in float32.", ge=0, auto=0)
+                          "memory holds as KV cache (at most 256); a batch that does not fit is halved until one does. Does not change "
+                          "the output in float32.", ge=0, auto=0)
     seed: int = opt(0, "Sampling seed; each (id, sample) has its own random stream, so batching does not matter.")
     dtype: Literal["float32", "bfloat16"] = opt("float32", "Compute dtype; float32 keeps greedy output identical across batch sizes and ranks.")
     judge: str = opt("", "Model that scores completions for fluency and relevance (medgen/judge.py): '' = the base "
