@@ -50,10 +50,17 @@ def launched(nproc: int, *args: str) -> list[str]:
             "-m", "medgen", *args]
 
 
-def medgen(*args: str, check: bool = True, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run the real CLI in a fresh process (``env``: added to this process's environment)."""
+def medgen(*args: str, check: bool = True, env: dict | None = None, timeout: int = 600,
+           memory_limit: int = 0) -> subprocess.CompletedProcess:
+    """Run the real CLI in a fresh process (``env``: added to this process's environment; ``memory_limit``: its
+    address space in bytes, RLIMIT_AS, where an allocation past it fails as it does on a full machine)."""
+    def limited() -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (memory_limit, memory_limit))
+
     proc = subprocess.run(command(*args), cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+                          env={**os.environ, **(env or {})}, preexec_fn=limited if memory_limit else None)
     if check and proc.returncode != 0:
         raise AssertionError(f"medgen {' '.join(args)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc

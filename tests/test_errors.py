@@ -135,17 +135,9 @@ def test_a_step_that_does_not_fit_in_memory_is_one_line_with_the_settings_that_m
     """A real allocation failure: the training process under an address-space limit (3.5 GB; the tiny model's
     16 x 1024 micro-batch runs in 3.0) with a micro-batch of 256 x 1024 tokens. On a GPU the same line comes from
     torch.OutOfMemoryError, with the card and its memory."""
-    import resource
-    import subprocess
-
-    from tests.helpers import ROOT, command
-
-    limit = 3_500_000_000
-    proc = subprocess.run(
-        command("train", *TINY, f"run.dir={tmp_path}", f"data.shards={shards}", "train.max_steps=1",
-                "train.batch_size=256", "train.max_length=1024", "train.validate=false"),
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)))
+    proc = medgen("train", *TINY, f"run.dir={tmp_path}", f"data.shards={shards}", "train.max_steps=1",
+                  "train.batch_size=256", "train.max_length=1024", "train.validate=false", check=False,
+                  memory_limit=3_500_000_000)
     line = _one_line_error(proc, "train: out of memory on the CPU", "a micro-batch of 256 x 1024 tokens")
     assert line.endswith("set train.batch_size=128 train.grad_accum=2 (the same 256 sequences per step per process: "
                          "the same training within rounding); or train.gradient_checkpointing=true (activations "
@@ -179,18 +171,10 @@ def test_scoring_that_does_not_fit_in_memory_is_one_line_with_a_batch_that_gives
                                                                                                        medium_sample):
     """evaluate under the same real address-space limit, 128 windows of 1024 tokens a pass (the logits of their
     scored positions alone are several GB)."""
-    import resource
-    import subprocess
-
-    from tests.helpers import ROOT, command
-
     common = [*TINY, f"run.dir={tmp_path}", "model.base_only=true"]
     medgen("prepare", *common, f"data.source={medium_sample}", "data.workers=1")
-    limit = 3_500_000_000
-    proc = subprocess.run(
-        command("evaluate", *common, "eval.batch_size=128", "eval.context=1024", "eval.stride=512"),
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)))
+    proc = medgen("evaluate", *common, "eval.batch_size=128", "eval.context=1024", "eval.stride=512", check=False,
+                  memory_limit=3_500_000_000)
     line = _one_line_error(proc, "evaluate: out of memory on the CPU")
     assert line.endswith("scoring 128 windows of up to 1024 tokens a pass (eval.batch_size x eval.context): set "
                          "eval.batch_size=64 (the perplexity does not depend on it)"), line

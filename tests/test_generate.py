@@ -252,20 +252,13 @@ def test_a_batch_that_does_not_fit_in_memory_is_halved_until_one_does_with_the_s
     """A real allocation failure: generate under an address-space limit (RLIMIT_AS, 3.5 GB) with 2048 long prompts
     in one batch halves the batch until one fits, says so, and writes what batches of 64 write without a limit
     (greedy float32: a completion does not depend on its batch)."""
-    import resource
-
     rows = [{"id": f"L{i:04d}", "prompt": " ".join(WORDS[i % 11:] + WORDS * 4)} for i in range(2048)]
     prompts = write_jsonl(tmp_path / "long.jsonl", rows)
     common = ("generate.max_new_tokens=4", "model.base_only=true", "generate.base_prompts=0",
               "generate.judge_prompts=0")
     medgen(*gen_args(tmp_path / "free", prompts, "generate.batch_size=64", *common))
-    limit = 3_500_000_000
-    proc = subprocess.run(
-        [sys.executable, "-m", "medgen", *gen_args(tmp_path / "limited", prompts, "generate.batch_size=2048",
-                                                   *common)[:-1]],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = medgen(*gen_args(tmp_path / "limited", prompts, "generate.batch_size=2048", *common),
+                  memory_limit=3_500_000_000)
     halved = [ln for ln in proc.stderr.splitlines() if "out of memory" in ln]
     assert halved and "generate: out of memory on cpu with 2048 prompts per batch: 1024 from here on (set " \
         "generate.batch_size=1024 to start there)" in halved[0], proc.stderr[-3000:]
