@@ -184,7 +184,7 @@ def generation_out_of_memory(device: torch.device, prompt_tokens: int, new_token
             f"{new_tokens} new ones: a shorter prompt or generate.max_new_tokens")
 
 
-def out_of_memory(args, kept: str) -> str:
+def training_out_of_memory(args, kept: str) -> str:
     """One line for a training step that did not fit, with the settings that make it fit: the micro-batch halved
     and the accumulation doubled (the same sequences per optimizer step, so the same training within rounding;
     a resumed run keeps its global batch and takes the new micro-batch, medgen/elastic.py), else what shrinks a

@@ -611,7 +611,7 @@ def _train(trainer, resume: Path | None, run_dir: Path, checkpoints: Checkpoints
         if memory.is_out_of_memory(e):
             last = checkpoints.newest()
             kept = f"a rerun resumes from {last}" if last else "no checkpoint was written"
-            raise UserError(memory.out_of_memory(trainer.args, kept)) from None
+            raise UserError(memory.training_out_of_memory(trainer.args, kept)) from None
         partial = checkpoints.partial(trainer.state.global_step)
         where = partial if partial.exists() else Path(getattr(e, "filename", None) or run_dir)
         if isinstance(e, UserError) or not storage.is_no_space(e, where):

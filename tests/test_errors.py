@@ -151,12 +151,12 @@ def test_the_advice_keeps_the_sequences_per_step():
 
     import torch
 
-    from medgen.memory import out_of_memory
+    from medgen.memory import training_out_of_memory
 
     def advice(batch, accum, checkpointing=False):
         args = SimpleNamespace(per_device_train_batch_size=batch, gradient_accumulation_steps=accum, max_length=512,
                                gradient_checkpointing=checkpointing, device=torch.device("cpu"))
-        return out_of_memory(args, "a rerun resumes from step-4")
+        return training_out_of_memory(args, "a rerun resumes from step-4")
 
     assert "set train.batch_size=3 train.grad_accum=4 (the same 12 sequences" in advice(6, 2)
     assert "set train.batch_size=1 train.grad_accum=7 (the same 7 sequences" in advice(7, 1)
