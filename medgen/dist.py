@@ -8,6 +8,7 @@ Also here: where each rank runs (``record_placement``), for the job logs and the
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import os
 import socket
@@ -69,6 +70,18 @@ def init_distributed(deepspeed: bool = False, timeout: datetime.timedelta | None
     return state
 
 
+# Linux's default ephemeral ports start at 32768 (net.ipv4.ip_local_port_range): below it, no outgoing connection
+# of another process on the node holds the port rank 0 listens on
+RENDEZVOUS_PORTS = range(20000, 32768)
+
+
+def rendezvous_port(job_id: str) -> int:
+    """The port rank 0's rendezvous listens on, the same in every task of the job (derived from its id; a
+    requeued job keeps it). submitit's own choice, 20000-60000, falls in the ephemeral range: a connection of
+    another job on the node once held it, and the job failed with EADDRINUSE."""
+    return RENDEZVOUS_PORTS[int(hashlib.sha256(job_id.encode()).hexdigest(), 16) % len(RENDEZVOUS_PORTS)]
+
+
 def from_slurm(distributed: bool, timeout: datetime.timedelta | None = None) -> None:
     """In a SLURM task (one task per rank, started by srun, never torchrun): threads for the cores SLURM gave
     the task; for train/evaluate/generate, RANK/WORLD_SIZE/MASTER_* exported from SLURM's variables
@@ -82,6 +95,7 @@ def from_slurm(distributed: bool, timeout: datetime.timedelta | None = None) -> 
     os.environ.setdefault("OMP_NUM_THREADS", os.environ.get("SLURM_CPUS_PER_TASK", "1"))
     if not distributed:
         return
+    os.environ["MASTER_PORT"] = str(rendezvous_port(os.environ.get("SLURM_JOB_ID", "")))
     # overwrite: variables inherited from the submitting shell must not win over SLURM's
     env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
     logging.getLogger("medgen").info("rank %d of %d (local %d), master %s:%d", env.rank, env.world_size,

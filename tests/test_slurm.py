@@ -691,3 +691,11 @@ def test_job_logs_show_progress_lines_at_the_interval(slurm_cluster, tmp_path, m
         for path in stages[stage]["logs"]:  # each rank its own log, its own share of the work
             last = progress_lines(Path(path).read_text(), what, every=1)[-1]
             assert last["done"] == last["total"] != "0", (stage, path)
+
+
+def test_the_rendezvous_port_is_one_per_job_below_the_ephemeral_ports():
+    from medgen.dist import rendezvous_port
+
+    ports = {rendezvous_port(str(job)) for job in range(3000, 3200)}
+    assert all(20000 <= p < 32768 for p in ports) and len(ports) > 190  # spread: neighbouring jobs rarely share one
+    assert rendezvous_port("3805") == rendezvous_port("3805")
